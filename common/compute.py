@@ -27,6 +27,8 @@ def compute_environment(
     flags = [f"floatX={FLOAT_DTYPE}", f"base_compiledir={compile_cache / 'pytensor'}"]
     if backend == "jax":
         flags.append("mode=JAX")
+        # PyTensor graphs index with int64; without x64, JAX truncates them to int32 with a warning.
+        environment.setdefault("JAX_ENABLE_X64", "true")
     existing = environment.get("PYTENSOR_FLAGS")
     # Flags the user set come last, so they win over the engine's.
     environment["PYTENSOR_FLAGS"] = ",".join([*flags, existing] if existing else flags)

@@ -8,6 +8,7 @@
     ├── AlreadyExists        ALREADY_EXISTS
     ├── FailedPrecondition   FAILED_PRECONDITION
     ├── ResourceExhausted    RESOURCE_EXHAUSTED
+    ├── PermissionDenied     PERMISSION_DENIED
     ├── Unavailable          UNAVAILABLE
     └── IntegrityError       DATA_LOSS
 
@@ -48,6 +49,10 @@ class FailedPrecondition(EngineError):
 
 class ResourceExhausted(EngineError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class PermissionDenied(EngineError):
+    code = grpc.StatusCode.PERMISSION_DENIED
 
 
 class Unavailable(EngineError):

@@ -1,0 +1,131 @@
+"""Places session processes. The local launcher starts each as a subprocess of the trainer."""
+
+import logging
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from lasagne_engine.compute import compute_environment
+from lasagne_engine.trainer.worker import TOKEN_VARIABLE
+
+logger = logging.getLogger(__name__)
+
+STDERR_TAIL_BYTES = 8192
+# Variables a session process does not need: credentials of the services and the user's tokens.
+_WITHHELD_PREFIXES = ("LASAGNE_ENGINE_TOKEN", "AWS_", "MINIO_")
+
+
+@dataclass
+class LaunchRequest:
+    session_id: str
+    token: str
+    trainer_address: str
+    device: str
+    backend: str
+    working_dir: pathlib.Path
+
+
+def describe_exit(returncode: int) -> str:
+    """Return 'exit code N' or 'signal SIGKILL' for a process's return code."""
+    if returncode < 0:
+        try:
+            return f"signal {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"signal {-returncode}"
+    return f"exit code {returncode}"
+
+
+def read_tail(path: pathlib.Path, max_bytes: int = STDERR_TAIL_BYTES) -> str:
+    try:
+        with open(path, "rb") as stream:
+            stream.seek(0, os.SEEK_END)
+            size = stream.tell()
+            stream.seek(max(0, size - max_bytes))
+            return stream.read().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+class LocalProcess:
+    """A session process on this host, with a thread that reports its exit."""
+
+    def __init__(self, popen: subprocess.Popen, stderr_path: pathlib.Path, on_exit: Callable[[int, str], None]):
+        self.popen = popen
+        self.stderr_path = stderr_path
+        self._on_exit = on_exit
+        self._waiter = threading.Thread(target=self._wait, name=f"session-process-{popen.pid}", daemon=True)
+        self._waiter.start()
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def _wait(self) -> None:
+        returncode = self.popen.wait()
+        self._on_exit(returncode, read_tail(self.stderr_path))
+
+    def terminate(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+
+    def join(self, timeout_s: float | None = None) -> None:
+        self._waiter.join(timeout_s)
+
+
+class LocalLauncher:
+    """Starts each session as ``python -m lasagne_engine.trainer.worker`` on this host.
+
+    A process on a GPU sees only its own device through ``CUDA_VISIBLE_DEVICES``, set before any
+    compute library loads; a process on a CPU device sees no GPU.
+    """
+
+    def __init__(self, *, compile_cache: pathlib.Path, python_executable: str = sys.executable):
+        self.compile_cache = compile_cache
+        self.python_executable = python_executable
+
+    def environment(self, request: LaunchRequest) -> dict[str, str]:
+        base = {key: value for key, value in os.environ.items() if not key.startswith(_WITHHELD_PREFIXES)}
+        environment = compute_environment(self.compile_cache, backend=request.backend, base=base)
+        kind, _, index = request.device.partition(":")
+        if kind == "gpu":
+            environment["CUDA_VISIBLE_DEVICES"] = index
+        else:
+            environment["CUDA_VISIBLE_DEVICES"] = ""
+            environment.setdefault("JAX_PLATFORMS", "cpu")
+        environment[TOKEN_VARIABLE] = request.token
+        environment["PYTHONUNBUFFERED"] = "1"
+        return environment
+
+    def launch(self, request: LaunchRequest, on_exit: Callable[[int, str], None]) -> LocalProcess:
+        request.working_dir.mkdir(parents=True, exist_ok=True)
+        stderr_path = request.working_dir / "stderr.log"
+        command = [
+            self.python_executable,
+            "-m",
+            "lasagne_engine.trainer.worker",
+            "--session-id",
+            request.session_id,
+            "--trainer",
+            request.trainer_address,
+        ]
+        with open(stderr_path, "ab") as stderr:
+            popen = subprocess.Popen(
+                command,
+                cwd=request.working_dir,
+                env=self.environment(request),
+                stdin=subprocess.DEVNULL,
+                stdout=stderr,
+                stderr=stderr,
+                start_new_session=True,
+            )
+        logger.info("Started session %s as process %d on %s", request.session_id, popen.pid, request.device)
+        return LocalProcess(popen, stderr_path, on_exit)
