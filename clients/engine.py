@@ -1,0 +1,1253 @@
+import contextlib
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import grpc
+import numpy as np
+from google.protobuf import struct_pb2
+
+from lasagne_engine import rpc
+from lasagne_engine.arrays import ArrayBuffer, as_contiguous, canonical_dtype, header_for, iter_chunks
+from lasagne_engine.client.errors import (
+    DataLossError,
+    DeadlineExceededError,
+    IntegrityError,
+    InvalidArgumentError,
+    NotFoundError,
+    from_rpc_error,
+)
+from lasagne_engine.config import Addresses, StreamLimits
+from lasagne_engine.errors import InvalidArgument
+from lasagne_engine.names import validate_name
+from lasagne_engine.v1 import (
+    arrays_pb2,
+    data_service_pb2,
+    data_service_pb2_grpc,
+    model_registry_pb2,
+    model_registry_pb2_grpc,
+    trainer_pb2,
+    trainer_pb2_grpc,
+)
+
+__all__ = ["FINAL_STATES", "Engine", "state_name"]
+
+logger = logging.getLogger(__name__)
+
+FINAL_STATES: frozenset[int] = frozenset(
+    {
+        trainer_pb2.COMPLETED,
+        trainer_pb2.STOPPED,
+        trainer_pb2.EARLY_STOPPED,
+        trainer_pb2.FAILED,
+        trainer_pb2.INTERRUPTED,
+    }
+)
+
+# The registry builds each new model in a subprocess before it responds, which takes far longer
+# than an ordinary call.
+_REGISTER_MODEL_MIN_TIMEOUT_S = 300.0
+# A health check costs the server almost no work, so a short deadline keeps health() quick when
+# a service accepts connections but hangs.
+_HEALTH_TIMEOUT_S = 5.0
+# Pauses before the resumptions of a download. The length of the tuple is the number of resumptions.
+_RETRY_BACKOFF_S = (0.5, 1.0, 2.0)
+# Pause before watching a session again after its stream ended without a final state.
+_REWATCH_PAUSE_S = 1.0
+
+_SERVICE_NAMES = {
+    "registry": model_registry_pb2.DESCRIPTOR.services_by_name["ModelRegistry"].full_name,
+    "data": data_service_pb2.DESCRIPTOR.services_by_name["DataService"].full_name,
+    "trainer": trainer_pb2.DESCRIPTOR.services_by_name["Trainer"].full_name,
+}
+_STUB_CLASSES: dict[str, Callable[[grpc.Channel], Any]] = {
+    "registry": model_registry_pb2_grpc.ModelRegistryStub,
+    "data": data_service_pb2_grpc.DataServiceStub,
+    "trainer": trainer_pb2_grpc.TrainerStub,
+}
+
+
+def state_name(state: int) -> str:
+    """Return the lowercase name of a session state, for example ``"running"``.
+
+    A value this client does not know, sent by a newer trainer, becomes ``"unknown(<value>)"``.
+    """
+    try:
+        return trainer_pb2.SessionState.Name(state).lower()
+    except ValueError:
+        return f"unknown({state})"
+
+
+class Engine:
+    """Client of the LasagneEngine model registry, data service and trainer.
+
+    Each service gets its own channel, opened on its first call. Every method raises a subclass
+    of :class:`~lasagne_engine.client.errors.EngineError` for a failed call, so callers can
+    branch on the gRPC status, and returns the protobuf messages of the
+    ``lasagne_engine.v1`` contract. Use the engine as a context manager, or call :meth:`close`,
+    to close the channels::
+
+        with Engine() as engine:
+            version = engine.upload_dataset("digits", {"X_train": X, "y_train": y})
+            arrays = engine.load_dataset(f"digits@{version.version}")
+
+    Parameters
+    ----------
+    registry_address, data_address, trainer_address : str, optional
+        ``host:port`` of each service. Default: ``LASAGNE_ENGINE_{REGISTRY,DATA,TRAINER}_ADDRESS``,
+        or 127.0.0.1 with the default ports when a variable is not set.
+    timeout_s : float
+        Deadline of each call in seconds, including each attempt of a bulk upload or download,
+        so raise it for transfers that take longer. :meth:`register_model` waits at least 300 s,
+        and :meth:`watch_session` has no deadline. Default 60.
+    limits : StreamLimits, optional
+        Chunk size of bulk streams and message size limit of the channels. Default:
+        ``StreamLimits.from_env()``.
+
+    Attributes
+    ----------
+    addresses : Addresses
+        ``host:port`` of each service.
+    timeout_s : float
+        Deadline of each call in seconds.
+    limits : StreamLimits
+        Chunk and message sizes in use.
+
+    Raises
+    ------
+    ValueError
+        If ``timeout_s`` is not positive, or ``limits.chunk_bytes`` is not positive and at least
+        1 KiB below ``limits.max_message_bytes``.
+    """
+
+    def __init__(
+        self,
+        *,
+        registry_address: str | None = None,
+        data_address: str | None = None,
+        trainer_address: str | None = None,
+        timeout_s: float = 60.0,
+        limits: StreamLimits | None = None,
+    ):
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s={timeout_s!r} must be a positive number of seconds.")
+        limits = limits if limits is not None else StreamLimits.from_env()
+        if limits.chunk_bytes <= 0 or limits.chunk_bytes > limits.max_message_bytes - 1024:
+            raise ValueError(
+                f"limits.chunk_bytes={limits.chunk_bytes} must be positive and at least 1 KiB below "
+                f"limits.max_message_bytes={limits.max_message_bytes}."
+            )
+
+        if registry_address is None or data_address is None or trainer_address is None:
+            defaults = Addresses.from_env()
+            registry_address = registry_address or defaults.registry
+            data_address = data_address or defaults.data
+            trainer_address = trainer_address or defaults.trainer
+        self.addresses = Addresses(registry=registry_address, data=data_address, trainer=trainer_address)
+        self.timeout_s = timeout_s
+        self.limits = limits
+
+        self._lock = threading.Lock()
+        self._channels: dict[str, grpc.Channel] = {}
+        self._stubs: dict[str, Any] = {}
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return (
+            f"Engine(registry_address={self.addresses.registry!r}, data_address={self.addresses.data!r}, "
+            f"trainer_address={self.addresses.trainer!r})"
+        )
+
+    # Lifecycle
+
+    def close(self) -> None:
+        """Close the channels opened so far. Later calls raise ``RuntimeError``, and a second close does nothing."""
+        with self._lock:
+            channels = list(self._channels.values())
+            self._channels.clear()
+            self._stubs.clear()
+            self._closed = True
+
+        for channel in channels:
+            channel.close()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def health(self) -> dict[str, bool]:
+        """Check whether each service reports SERVING.
+
+        Returns
+        -------
+        dict of str to bool
+            Keys ``"registry"``, ``"data"`` and ``"trainer"``. A service that cannot be reached,
+            or does not respond within 5 s, counts as not serving.
+
+        Raises
+        ------
+        RuntimeError
+            If the engine is closed.
+        """
+        self._check_open()
+        addresses = dataclasses.asdict(self.addresses)
+        timeout_s = min(self.timeout_s, _HEALTH_TIMEOUT_S)
+        return {
+            key: rpc.is_serving(address, timeout_s=timeout_s, service=_SERVICE_NAMES[key])
+            for key, address in addresses.items()
+        }
+
+    # Datasets
+
+    def upload_dataset(
+        self, name: str, arrays: Mapping[str, np.ndarray], *, description: str = ""
+    ) -> data_service_pb2.DatasetVersion:
+        """Upload a new version of a dataset.
+
+        The arrays are streamed one after another in chunks of ``limits.chunk_bytes``. An array
+        that is not C-contiguous with a little-endian dtype is copied while it is being sent,
+        one array at a time.
+
+        Parameters
+        ----------
+        name : str
+            Dataset name: 1 to 128 characters from ``[A-Za-z0-9._-]``.
+        arrays : mapping of str to numpy.ndarray
+            The arrays by name. Dtypes must be boolean, integer, float or complex.
+        description : str
+            Free-form text stored with the version. Default: empty.
+
+        Returns
+        -------
+        lasagne_engine.v1.data_service_pb2.DatasetVersion
+            The stored version, with its number and array headers.
+
+        Raises
+        ------
+        InvalidArgumentError
+            If a name or dtype is invalid, checked here before sending, or if the server rejects
+            the upload.
+        ResourceExhaustedError
+            If the dataset exceeds a size limit of the server.
+        UnavailableError
+            If the data service cannot be reached.
+        EngineError
+            For any other failure of the call.
+        """
+        prepared = _prepare_arrays(arrays, roles=None)
+        try:
+            validate_name(name, kind="dataset")
+        except InvalidArgument as error:
+            raise InvalidArgumentError(str(error)) from error
+
+        info = data_service_pb2.DatasetInfo(name=name, description=description)
+        frames = _RequestStream(
+            _upload_frames(data_service_pb2.UploadDatasetRequest, info, prepared, chunk_bytes=self.limits.chunk_bytes)
+        )
+        return self._call_with_stream(self._stub("data").UploadDataset, frames)
+
+    def list_datasets(self, name: str = "") -> list[data_service_pb2.DatasetVersion]:
+        """List every version of dataset ``name``, or the latest version of every dataset.
+
+        Parameters
+        ----------
+        name : str
+            Dataset name. Default: empty, which lists the latest version of every dataset.
+
+        Returns
+        -------
+        list of lasagne_engine.v1.data_service_pb2.DatasetVersion
+
+        Raises
+        ------
+        InvalidArgumentError
+            If the name is invalid.
+        UnavailableError
+            If the data service cannot be reached.
+        EngineError
+            For any other failure of the call.
+        """
+        response = self._call(self._stub("data").ListDatasets, data_service_pb2.ListDatasetsRequest(name=name))
+        return list(response.datasets)
+
+    def describe_dataset(self, ref: str) -> data_service_pb2.DatasetVersion:
+        """Return one dataset version with its array headers.
+
+        Parameters
+        ----------
+        ref : str
+            ``"name"`` for the latest version or ``"name@3"`` for version 3.
+
+        Returns
+        -------
+        lasagne_engine.v1.data_service_pb2.DatasetVersion
+
+        Raises
+        ------
+        InvalidArgumentError
+            If the reference is invalid.
+        NotFoundError
+            If the dataset or version does not exist.
+        UnavailableError
+            If the data service cannot be reached.
+        EngineError
+            For any other failure of the call.
+        """
+        return self._call(self._stub("data").DescribeDataset, data_service_pb2.DescribeDatasetRequest(ref=ref))
+
+    def download_array(self, ref: str, array: str, *, out: np.ndarray | None = None) -> np.ndarray:
+        """Download one array of a dataset version into a single preallocated numpy array.
+
+        If the stream fails with UNAVAILABLE midway, the download resumes from the bytes already
+        received, up to 3 times, after pauses of 0.5, 1 and 2 s. Each resumption is logged as a
+        warning. Once every byte has arrived, the client checks the array's sha256 against the
+        header's.
+
+        Parameters
+        ----------
+        ref : str
+            ``"name"`` or ``"name@3"``. Pass a versioned reference when downloading several
+            arrays, so that a version uploaded meanwhile cannot mix into the result.
+        array : str
+            Name of the array in that version.
+        out : numpy.ndarray, optional
+            C-contiguous array with the shape and little-endian dtype of the stored one, to write
+            into instead of allocating. Default: a new array.
+
+        Returns
+        -------
+        numpy.ndarray
+            The array, which is ``out`` when given.
+
+        Raises
+        ------
+        NotFoundError
+            If the dataset, version or array does not exist.
+        UnavailableError
+            If the data service stays unreachable through every resumption.
+        IntegrityError
+            If the assembled bytes have another sha256 than the header records.
+        DataLossError
+            If the stream breaks the array protocol, or the header changes between resumptions.
+        DeadlineExceededError
+            If one attempt takes longer than ``timeout_s``.
+        ValueError
+            If ``out`` does not match the array's shape and dtype, or is not C-contiguous.
+        EngineError
+            For any other failure of the call.
+        """
+        stub = self._stub("data")
+        download = _ArrayDownload(source=f"dataset {ref!r}", out=out)
+
+        retries = 0
+        while True:
+            request = data_service_pb2.DownloadArrayRequest(
+                ref=ref, array=array, start_offset=download.received, chunk_bytes=self.limits.chunk_bytes
+            )
+            call = stub.DownloadArray(request, timeout=self.timeout_s)
+            try:
+                download.consume(call)
+                break
+            except grpc.RpcError as error:
+                if error.code() != grpc.StatusCode.UNAVAILABLE or retries == len(_RETRY_BACKOFF_S):
+                    raise from_rpc_error(error) from error
+                delay_s = _RETRY_BACKOFF_S[retries]
+                retries += 1
+                logger.warning(
+                    "Download of array %r of dataset %r failed after %d bytes (%s); resuming in %.1f s, "
+                    "retry %d of %d",
+                    array,
+                    ref,
+                    download.received,
+                    error.details(),
+                    delay_s,
+                    retries,
+                    len(_RETRY_BACKOFF_S),
+                )
+            finally:
+                call.cancel()
+            time.sleep(delay_s)
+
+        return download.finish()
+
+    def load_dataset(self, ref: str, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Download the arrays of one dataset version.
+
+        The reference is resolved to a concrete version once, so every array comes from the same
+        version even if another one is uploaded meanwhile.
+
+        Parameters
+        ----------
+        ref : str
+            ``"name"`` for the latest version or ``"name@3"`` for version 3.
+        names : sequence of str, optional
+            Arrays to download. Default: every array of the version.
+
+        Returns
+        -------
+        dict of str to numpy.ndarray
+            The arrays by name, in the order of ``names`` or of the version.
+
+        Raises
+        ------
+        NotFoundError
+            If the dataset or version does not exist, or the version has no array of a given name.
+        UnavailableError
+            If the data service cannot be reached.
+        IntegrityError
+            If an array's bytes have another sha256 than its header records.
+        EngineError
+            For any other failure of a call, as listed in :meth:`download_array`.
+        """
+        version = self.describe_dataset(ref)
+        concrete_ref = f"{version.name}@{version.version}"
+        stored = [header.name for header in version.arrays]
+
+        if names is None:
+            names = stored
+        missing = [name for name in names if name not in stored]
+        if missing:
+            raise NotFoundError(
+                f"Dataset {concrete_ref!r} has no array named {', '.join(map(repr, missing))}; "
+                f"its arrays are {', '.join(map(repr, stored)) or 'none'}."
+            )
+
+        return {name: self.download_array(concrete_ref, name) for name in names}
+
+    def delete_dataset(self, ref: str) -> list[int]:
+        """Delete one version (``"name@3"``) or every version (``"name"``) of a dataset.
+
+        Returns
+        -------
+        list of int
+            The deleted version numbers.
+
+        Raises
+        ------
+        NotFoundError
+            If the dataset or version does not exist.
+        FailedPreconditionError
+            If the server rejects the deletion because a version is in use.
+        UnavailableError
+            If the data service cannot be reached.
+        EngineError
+            For any other failure of the call.
+        """
+        response = self._call(self._stub("data").DeleteDataset, data_service_pb2.DeleteDatasetRequest(ref=ref))
+        return list(response.deleted_versions)
+
+    # Models
+
+    def register_model(
+        self,
+        name: str,
+        source: str,
+        *,
+        description: str = "",
+        default_hyperparameters: Mapping[str, Any] | None = None,
+    ) -> model_registry_pb2.ModelVersion:
+        """Register a model definition, creating a new version unless the source is unchanged.
+
+        The registry builds the model in a subprocess before it responds, so this call waits at
+        least 300 s, or ``timeout_s`` when that is longer.
+
+        Parameters
+        ----------
+        name : str
+            Model name: 1 to 128 characters from ``[A-Za-z0-9._-]``.
+        source : str
+            Python source defining ``build(hyperparameters) -> (input variable, output variable)``.
+        description : str
+            Free-form text stored with the version. Default: empty.
+        default_hyperparameters : mapping, optional
+            JSON-like values passed to ``build()`` at registration and merged under the
+            hyperparameters of each session. Default: none.
+
+        Returns
+        -------
+        lasagne_engine.v1.model_registry_pb2.ModelVersion
+            The version; its ``created`` field is false when the source matched the latest version.
+
+        Raises
+        ------
+        InvalidArgumentError
+            If a hyperparameter is not JSON-like, or the server rejects the name or source, for
+            example because building the model failed.
+        UnavailableError
+            If the registry cannot be reached.
+        DeadlineExceededError
+            If the registry does not answer in time.
+        EngineError
+            For any other failure of the call.
+        """
+        request = model_registry_pb2.RegisterModelRequest(name=name, source=source, description=description)
+        if default_hyperparameters is not None:
+            request.default_hyperparameters.CopyFrom(_to_struct(default_hyperparameters, "default_hyperparameters"))
+        timeout_s = max(self.timeout_s, _REGISTER_MODEL_MIN_TIMEOUT_S)
+        return self._call(self._stub("registry").RegisterModel, request, timeout_s=timeout_s)
+
+    def list_models(self, name: str = "") -> list[model_registry_pb2.ModelVersion]:
+        """List every version of model ``name``, or the latest version of every model.
+
+        The ``source`` field of listed versions is empty. :meth:`get_model` returns it.
+
+        Returns
+        -------
+        list of lasagne_engine.v1.model_registry_pb2.ModelVersion
+
+        Raises
+        ------
+        InvalidArgumentError
+            If the name is invalid.
+        UnavailableError
+            If the registry cannot be reached.
+        EngineError
+            For any other failure of the call.
+        """
+        response = self._call(self._stub("registry").ListModels, model_registry_pb2.ListModelsRequest(name=name))
+        return list(response.models)
+
+    def get_model(self, ref: str) -> model_registry_pb2.ModelVersion:
+        """Return one model version with its source (``"name"`` for the latest, ``"name@3"`` for version 3).
+
+        Returns
+        -------
+        lasagne_engine.v1.model_registry_pb2.ModelVersion
+
+        Raises
+        ------
+        InvalidArgumentError
+            If the reference is invalid.
+        NotFoundError
+            If the model or version does not exist.
+        UnavailableError
+            If the registry cannot be reached.
+        EngineError
+            For any other failure of the call.
+        """
+        return self._call(self._stub("registry").GetModel, model_registry_pb2.GetModelRequest(ref=ref))
+
+    # Parameter sets
+
+    def save_parameter_set(
+        self,
+        model: str,
+        arrays: Mapping[str, np.ndarray],
+        *,
+        roles: Mapping[str, str] | None = None,
+        session_id: str = "",
+        epoch: int = 0,
+        step: int = 0,
+        metrics: Mapping[str, float] | None = None,
+        tags: Sequence[str] = (),
+        parent_id: str = "",
+    ) -> model_registry_pb2.ParameterSet:
+        """Store a parameter set of a model version.
+
+        Parameters
+        ----------
+        model : str
+            ``"name"`` or ``"name@version"`` of the model the parameters belong to.
+        arrays : mapping of str to numpy.ndarray
+            The parameter arrays by name.
+        roles : mapping of str to str, optional
+            Role of each array by name: ``"trainable"``, ``"state"`` or ``"optimizer"``. Default:
+            no role, which leaves the choice to the registry.
+        session_id : str
+            Training session that produced the set. Default: empty.
+        epoch, step : int
+            Training progress when the set was saved. Default 0.
+        metrics : mapping of str to float, optional
+            Metrics of the set, for example ``{"val_loss": 0.12}``. Default: none.
+        tags : sequence of str
+            Tags to attach. Default: none.
+        parent_id : str
+            Parameter set this one was trained from. Default: empty.
+
+        Returns
+        -------
+        lasagne_engine.v1.model_registry_pb2.ParameterSet
+            The stored set, with its id and array headers.
+
+        Raises
+        ------
+        InvalidArgumentError
+            If an array name or dtype is invalid, or ``roles`` names an array not in ``arrays``.
+            The client checks these before sending. The server raises it too, for example when
+            the arrays do not match the model's parameters.
+        NotFoundError
+            If the model or the parent set does not exist.
+        UnavailableError
+            If the registry cannot be reached.
+        EngineError
+            For any other failure of the call.
+        """
+        prepared = _prepare_arrays(arrays, roles=roles)
+
+        info = model_registry_pb2.ParameterSetInfo(
+            model=model,
+            session_id=session_id,
+            epoch=epoch,
+            step=step,
+            metrics={key: float(value) for key, value in (metrics or {}).items()},
+            tags=list(tags),
+            parent_id=parent_id,
+        )
+        frames = _RequestStream(
+            _upload_frames(
+                model_registry_pb2.SaveParameterSetRequest,
+                info,
+                prepared,
+                chunk_bytes=self.limits.chunk_bytes,
+                roles=roles or {},
+            )
+        )
+        return self._call_with_stream(self._stub("registry").SaveParameterSet, frames)
+
+    def list_parameter_sets(
+        self, model: str = "", *, session_id: str = "", tag: str = ""
+    ) -> list[model_registry_pb2.ParameterSet]:
+        """List parameter sets, optionally only those of a model, a session or with a tag.
+
+        Parameters
+        ----------
+        model : str
+            ``"name"`` or ``"name@version"``. Default: empty, which lists every model's sets.
+        session_id : str
+            Only sets saved by this session. Default: empty, any session.
+        tag : str
+            Only sets carrying this tag. Default: empty, any tags.
+
+        Returns
+        -------
+        list of lasagne_engine.v1.model_registry_pb2.ParameterSet
+
+        Raises
+        ------
+        InvalidArgumentError
+            If the model reference or tag is invalid.
+        UnavailableError
+            If the registry cannot be reached.
+        EngineError
+            For any other failure of the call.
+        """
+        request = model_registry_pb2.ListParameterSetsRequest(model=model, session_id=session_id, tag=tag)
+        return list(self._call(self._stub("registry").ListParameterSets, request).parameter_sets)
+
+    def get_parameter_set(self, parameter_set_id: str) -> model_registry_pb2.ParameterSet:
+        """Return a parameter set's metadata and array headers.
+
+        Returns
+        -------
+        lasagne_engine.v1.model_registry_pb2.ParameterSet
+
+        Raises
+        ------
+        NotFoundError
+            If no parameter set has this id.
+        UnavailableError
+            If the registry cannot be reached.
+        EngineError
+            For any other failure of the call.
+        """
+        request = model_registry_pb2.GetParameterSetRequest(id=parameter_set_id)
+        return self._call(self._stub("registry").GetParameterSet, request)
+
+    def load_parameter_set(self, parameter_set_id: str, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Download the arrays of a parameter set, each into one preallocated numpy array.
+
+        Each array's sha256 is checked against its header once its bytes have arrived. An
+        interrupted stream is not resumed, because the registry's load call has no start offset.
+
+        Parameters
+        ----------
+        parameter_set_id : str
+            Id of the parameter set.
+        names : sequence of str, optional
+            Arrays to load. Default: every array of the set.
+
+        Returns
+        -------
+        dict of str to numpy.ndarray
+            The arrays by name, in the order the registry sent them.
+
+        Raises
+        ------
+        NotFoundError
+            If the parameter set, or one of ``names``, does not exist.
+        IntegrityError
+            If an array's bytes have another sha256 than its header records.
+        DataLossError
+            If the stream breaks the array protocol or lacks one of ``names``.
+        UnavailableError
+            If the registry cannot be reached.
+        EngineError
+            For any other failure of the call.
+        """
+        request = model_registry_pb2.LoadParameterSetRequest(
+            id=parameter_set_id, names=list(names or ()), chunk_bytes=self.limits.chunk_bytes
+        )
+        source = f"parameter set {parameter_set_id!r}"
+        call = self._stub("registry").LoadParameterSet(request, timeout=self.timeout_s)
+        try:
+            arrays = _receive_arrays(call, source=source)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from error
+        finally:
+            call.cancel()
+
+        missing = [name for name in names or () if name not in arrays]
+        if missing:
+            raise DataLossError(
+                f"The registry's stream of {source} ended without the requested arrays "
+                f"{', '.join(map(repr, missing))}."
+            )
+        return arrays
+
+    def delete_parameter_set(self, parameter_set_id: str) -> None:
+        """Delete a parameter set and its arrays.
+
+        Raises
+        ------
+        NotFoundError
+            If no parameter set has this id.
+        FailedPreconditionError
+            If the registry rejects the deletion because the set is in use.
+        UnavailableError
+            If the registry cannot be reached.
+        EngineError
+            For any other failure of the call.
+        """
+        request = model_registry_pb2.DeleteParameterSetRequest(id=parameter_set_id)
+        response = self._call(self._stub("registry").DeleteParameterSet, request)
+        if not response.deleted:
+            raise NotFoundError(
+                f"The registry reported that it deleted nothing for parameter set {parameter_set_id!r}; "
+                "list parameter sets to check the id."
+            )
+
+    def tag_parameter_set(
+        self,
+        parameter_set_id: str,
+        *,
+        add: Sequence[str] = (),
+        remove: Sequence[str] = (),
+        exclusive_in_session: bool = False,
+    ) -> model_registry_pb2.ParameterSet:
+        """Add and remove tags of a parameter set.
+
+        Parameters
+        ----------
+        parameter_set_id : str
+            Id of the parameter set.
+        add, remove : sequence of str
+            Tags to add and to remove. Default: none.
+        exclusive_in_session : bool
+            Move each added tag: remove it from the other sets of the same session in the same
+            transaction, as for a "best" tag. Default False.
+
+        Returns
+        -------
+        lasagne_engine.v1.model_registry_pb2.ParameterSet
+            The set with its new tags.
+
+        Raises
+        ------
+        InvalidArgumentError
+            If a tag is invalid.
+        NotFoundError
+            If no parameter set has this id.
+        UnavailableError
+            If the registry cannot be reached.
+        EngineError
+            For any other failure of the call.
+        """
+        request = model_registry_pb2.TagParameterSetRequest(
+            id=parameter_set_id,
+            add_tags=list(add),
+            remove_tags=list(remove),
+            exclusive_in_session=exclusive_in_session,
+        )
+        return self._call(self._stub("registry").TagParameterSet, request)
+
+    # Training sessions
+
+    def start_session(
+        self,
+        model: str,
+        dataset: str,
+        *,
+        optimizer: str = "adam",
+        learning_rate: float = 1e-3,
+        batch_size: int = 32,
+        epochs: int = 10,
+        seed: int = 0,
+        model_hyperparameters: Mapping[str, Any] | None = None,
+        monitor: str = "",
+        init_parameter_set: str = "",
+        description: str = "",
+        train_inputs: str = "",
+        train_targets: str = "",
+        val_inputs: str = "",
+        val_targets: str = "",
+    ) -> trainer_pb2.Session:
+        """Start a training session of a model on a dataset.
+
+        Parameters
+        ----------
+        model, dataset : str
+            ``"name"`` or ``"name@version"``.
+        optimizer : str
+            ``"sgd"``, ``"momentum"``, ``"nesterov"``, ``"adam"``, ``"adamw"``, ``"rmsprop"`` or
+            ``"adagrad"``. Default ``"adam"``.
+        learning_rate : float
+            Default 1e-3.
+        batch_size : int
+            Examples per step. Default 32.
+        epochs : int
+            Default 10.
+        seed : int
+            Seed of parameter initialization and shuffling. Default 0.
+        model_hyperparameters : mapping, optional
+            JSON-like values passed to the model's ``build()``, merged over its registered
+            defaults. Default: the registered defaults.
+        monitor : str
+            Validation metric that selects the "best" parameter set, for example
+            ``"val_accuracy"``. Default: empty, which means ``"val_loss"``.
+        init_parameter_set : str
+            Id of a parameter set whose arrays replace the initial parameters. Default: empty.
+        description : str
+            Free-form label shown in listings. Default: empty.
+        train_inputs, train_targets, val_inputs, val_targets : str
+            Names of the dataset arrays to train and validate on. Default: empty, which means
+            ``X_train``, ``y_train``, ``X_val`` and ``y_val``.
+
+        Returns
+        -------
+        lasagne_engine.v1.trainer_pb2.Session
+            The new session, usually in state PENDING or QUEUED.
+
+        Raises
+        ------
+        InvalidArgumentError
+            If a hyperparameter is invalid or not JSON-like.
+        NotFoundError
+            If the model, dataset, an array or the initial parameter set does not exist.
+        ResourceExhaustedError
+            If the trainer runs as many sessions as it allows.
+        UnavailableError
+            If the trainer cannot be reached.
+        EngineError
+            For any other failure of the call.
+        """
+        hyperparameters = trainer_pb2.Hyperparameters(
+            optimizer=optimizer,
+            learning_rate=learning_rate,
+            batch_size=batch_size,
+            epochs=epochs,
+            seed=seed,
+            monitor=monitor,
+        )
+        if model_hyperparameters is not None:
+            hyperparameters.model.CopyFrom(_to_struct(model_hyperparameters, "model_hyperparameters"))
+        request = trainer_pb2.StartSessionRequest(
+            model=model,
+            dataset=dataset,
+            hyperparameters=hyperparameters,
+            train_inputs=train_inputs,
+            train_targets=train_targets,
+            val_inputs=val_inputs,
+            val_targets=val_targets,
+            init_parameter_set=init_parameter_set,
+            description=description,
+        )
+        return self._call(self._stub("trainer").StartSession, request)
+
+    def list_sessions(self, states: Sequence[int] = ()) -> list[trainer_pb2.Session]:
+        """List training sessions, optionally only those in the given states.
+
+        Parameters
+        ----------
+        states : sequence of SessionState values
+            For example ``[trainer_pb2.RUNNING]``. Default: empty, which lists every session.
+
+        Returns
+        -------
+        list of lasagne_engine.v1.trainer_pb2.Session
+
+        Raises
+        ------
+        UnavailableError
+            If the trainer cannot be reached.
+        EngineError
+            For any other failure of the call.
+        """
+        request = trainer_pb2.ListSessionsRequest(states=list(states))
+        return list(self._call(self._stub("trainer").ListSessions, request).sessions)
+
+    def get_session(self, session_id: str) -> trainer_pb2.Session:
+        """Return a training session with its state and epoch metrics.
+
+        Returns
+        -------
+        lasagne_engine.v1.trainer_pb2.Session
+
+        Raises
+        ------
+        NotFoundError
+            If no session has this id.
+        UnavailableError
+            If the trainer cannot be reached.
+        EngineError
+            For any other failure of the call.
+        """
+        return self._call(self._stub("trainer").GetSession, trainer_pb2.GetSessionRequest(id=session_id))
+
+    def stop_session(self, session_id: str) -> trainer_pb2.Session:
+        """Ask a live session to save a final parameter set and end in state STOPPED.
+
+        The call returns once the request is delivered. Use :meth:`wait_session` to wait for the
+        session to end.
+
+        Returns
+        -------
+        lasagne_engine.v1.trainer_pb2.Session
+            The session as the trainer saw it when the request arrived.
+
+        Raises
+        ------
+        NotFoundError
+            If no session has this id.
+        FailedPreconditionError
+            If the session has already ended.
+        UnavailableError
+            If the trainer cannot be reached.
+        EngineError
+            For any other failure of the call.
+        """
+        return self._call(self._stub("trainer").StopSession, trainer_pb2.StopSessionRequest(id=session_id))
+
+    def watch_session(self, session_id: str) -> Iterator[trainer_pb2.SessionEvent]:
+        """Stream a session's events: a snapshot, then progress, epoch ends and state changes.
+
+        The stream has no deadline and ends when the session reaches a final state. Closing the
+        iterator cancels the call, so wrap it in ``contextlib.closing`` when a loop may stop
+        early. The call starts at the first ``next()``.
+
+        Returns
+        -------
+        iterator of lasagne_engine.v1.trainer_pb2.SessionEvent
+
+        Raises
+        ------
+        NotFoundError
+            While iterating, if no session has this id.
+        UnavailableError
+            While iterating, if the trainer cannot be reached or shuts down.
+        EngineError
+            While iterating, for any other failure of the call.
+        RuntimeError
+            If the engine is closed.
+        """
+        return _watch(self._stub("trainer"), session_id, timeout_s=None)
+
+    def wait_session(self, session_id: str, *, timeout_s: float | None = None) -> trainer_pb2.Session:
+        """Wait until a session reaches a final state and return it.
+
+        The final states are COMPLETED, STOPPED, EARLY_STOPPED, FAILED and INTERRUPTED (see
+        :data:`FINAL_STATES`). A FAILED session is returned, not raised, and its ``error`` field
+        contains the reason.
+
+        Parameters
+        ----------
+        session_id : str
+            Id of the session.
+        timeout_s : float, optional
+            Maximum time to wait in seconds. Default: no limit.
+
+        Returns
+        -------
+        lasagne_engine.v1.trainer_pb2.Session
+            The session in its final state, as :meth:`get_session` returns it.
+
+        Raises
+        ------
+        DeadlineExceededError
+            If the session is still live after ``timeout_s``.
+        NotFoundError
+            If no session has this id.
+        UnavailableError
+            If the trainer cannot be reached.
+        EngineError
+            For any other failure of a call.
+        """
+        stub = self._stub("trainer")
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+
+        while True:
+            remaining_s = None if deadline is None else deadline - time.monotonic()
+            if remaining_s is not None and remaining_s <= 0:
+                raise _wait_timeout(session_id, timeout_s)
+            try:
+                with contextlib.closing(_watch(stub, session_id, timeout_s=remaining_s)) as events:
+                    for event in events:
+                        if _event_state(event) in FINAL_STATES:
+                            return self.get_session(session_id)
+            except DeadlineExceededError as error:
+                raise _wait_timeout(session_id, timeout_s) from error
+
+            # The stream ended without a final state, as when the trainer shuts down, so look
+            # the session up and watch again if it is still live.
+            session = self.get_session(session_id)
+            if session.state in FINAL_STATES:
+                return session
+            logger.warning(
+                "The watch stream of session %r ended in state %s; watching again in %.1f s",
+                session_id,
+                state_name(session.state),
+                _REWATCH_PAUSE_S,
+            )
+            time.sleep(_REWATCH_PAUSE_S)
+
+    # Plumbing
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("This Engine is closed; create a new Engine to make more calls.")
+
+    def _stub(self, service: str) -> Any:
+        with self._lock:
+            self._check_open()
+            stub = self._stubs.get(service)
+            if stub is None:
+                address = getattr(self.addresses, service)
+                channel = rpc.insecure_channel(address, self.limits)
+                self._channels[service] = channel
+                stub = self._stubs[service] = _STUB_CLASSES[service](channel)
+        return stub
+
+    def _call(self, method: Callable[..., Any], request: Any, *, timeout_s: float | None = None) -> Any:
+        try:
+            return method(request, timeout=timeout_s if timeout_s is not None else self.timeout_s)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from error
+
+    def _call_with_stream(self, method: Callable[..., Any], frames: "_RequestStream") -> Any:
+        try:
+            return method(iter(frames), timeout=self.timeout_s)
+        except grpc.RpcError as error:
+            # gRPC catches an exception raised by the request iterator, logs it and ends the call
+            # with UNKNOWN, so the original exception is raised here instead.
+            if frames.error is not None:
+                raise frames.error from None
+            raise from_rpc_error(error) from error
+
+
+def _prepare_arrays(
+    arrays: Mapping[str, np.ndarray], *, roles: Mapping[str, str] | None
+) -> list[tuple[str, np.ndarray]]:
+    """Check array names, dtypes and roles before a stream starts.
+
+    An error raised inside the request stream would reach the caller only as the stored exception
+    of :class:`_RequestStream`, after the server has seen a partial upload.
+    """
+    prepared = []
+    try:
+        for name, array in arrays.items():
+            validate_name(name, kind="array")
+            array = np.asarray(array)
+            canonical_dtype(array.dtype.str, array_name=name)
+            prepared.append((name, array))
+    except InvalidArgument as error:
+        raise InvalidArgumentError(str(error)) from error
+
+    unknown = sorted(set(roles or {}) - set(arrays))
+    if unknown:
+        raise InvalidArgumentError(
+            f"roles contains {', '.join(map(repr, unknown))}, which are not among the arrays being saved "
+            f"({', '.join(map(repr, arrays)) or 'none'}); give roles only for those arrays."
+        )
+    return prepared
+
+
+class _RequestStream:
+    """Request iterator that keeps the exception it raised, which gRPC would otherwise hide."""
+
+    def __init__(self, frames: Iterator[Any]):
+        self._frames = frames
+        self.error: BaseException | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        try:
+            yield from self._frames
+        except Exception as error:
+            self.error = error
+            raise
+
+
+def _upload_frames(
+    request_type: type,
+    info: Any,
+    arrays: Iterable[tuple[str, np.ndarray]],
+    *,
+    chunk_bytes: int,
+    roles: Mapping[str, str] | None = None,
+) -> Iterator[Any]:
+    """Yield the info frame, then each array's header and chunks, converting one array at a time."""
+    yield request_type(info=info)
+    for name, array in arrays:
+        contiguous = as_contiguous(array)
+        header = header_for(name, contiguous, role=(roles or {}).get(name, ""))
+        # NOTE: as_contiguous (numpy.ascontiguousarray) turns a 0-d array into shape (1,), so the
+        # header takes its shape from the array as given.
+        del header.shape[:]
+        header.shape.extend(array.shape)
+        yield request_type(header=header)
+        for chunk in iter_chunks(contiguous, chunk_bytes):
+            yield request_type(chunk=chunk)
+
+
+def _to_struct(values: Mapping[str, Any], argument: str) -> struct_pb2.Struct:
+    struct = struct_pb2.Struct()
+    try:
+        struct.update(values)
+    except (ValueError, TypeError, AttributeError) as error:
+        raise InvalidArgumentError(
+            f"{argument} must contain only JSON-like values (str, int, float, bool, None, and lists and "
+            f"dicts of them): {error}. Convert numpy scalars with .item()."
+        ) from error
+    return struct
+
+
+class _ArrayDownload:
+    """One array being assembled from a download stream that may be resumed."""
+
+    def __init__(self, *, source: str, out: np.ndarray | None):
+        self.source = source
+        self._out = out
+        self._header: arrays_pb2.ArrayHeader | None = None
+        self._buffer: ArrayBuffer | None = None
+
+    @property
+    def received(self) -> int:
+        """Bytes received so far, which is the offset a resumed stream starts at."""
+        return 0 if self._buffer is None else self._buffer.receiver.received
+
+    def consume(self, frames: Iterable[arrays_pb2.ArrayFrame]) -> None:
+        """Write the chunks of one stream, which starts with the header, into the array."""
+        frames = iter(frames)
+        first = next(frames, None)
+        if first is None or first.WhichOneof("frame") != "header":
+            raise DataLossError(f"The download stream of {self.source} did not start with an array header.")
+
+        header = first.header
+        if self._header is None:
+            self._header = header
+            self._buffer = _new_buffer(header, source=self.source, out=self._out)
+        elif header != self._header:
+            raise DataLossError(
+                f"Array {header.name!r} of {self.source} changed while its download resumed "
+                f"(sha256 {self._header.sha256} before, {header.sha256} now); "
+                "download a versioned reference such as 'name@3'."
+            )
+
+        for frame in frames:
+            if frame.WhichOneof("frame") != "chunk":
+                raise DataLossError(
+                    f"The download stream of array {header.name!r} of {self.source} sent a second header."
+                )
+            _add_chunk(self._buffer, frame.chunk, source=self.source)
+
+    def finish(self) -> np.ndarray:
+        assert self._buffer is not None and self._header is not None
+        return _finish_buffer(self._buffer, self._header, source=self.source)
+
+
+def _receive_arrays(frames: Iterable[arrays_pb2.ArrayFrame], *, source: str) -> dict[str, np.ndarray]:
+    """Assemble a stream of several arrays, each a header followed by its chunks."""
+    arrays: dict[str, np.ndarray] = {}
+    header: arrays_pb2.ArrayHeader | None = None
+    buffer: ArrayBuffer | None = None
+
+    for frame in frames:
+        kind = frame.WhichOneof("frame")
+        if kind == "header":
+            if buffer is not None:
+                arrays[header.name] = _finish_buffer(buffer, header, source=source)
+            header = frame.header
+            if header.name in arrays:
+                raise DataLossError(f"The stream of {source} sent array {header.name!r} twice.")
+            buffer = _new_buffer(header, source=source)
+        elif kind == "chunk" and buffer is not None:
+            _add_chunk(buffer, frame.chunk, source=source)
+        else:
+            raise DataLossError(f"The stream of {source} sent a chunk or an empty frame before any array header.")
+
+    if buffer is not None:
+        arrays[header.name] = _finish_buffer(buffer, header, source=source)
+    return arrays
+
+
+def _new_buffer(header: arrays_pb2.ArrayHeader, *, source: str, out: np.ndarray | None = None) -> ArrayBuffer:
+    if not header.sha256:
+        raise DataLossError(
+            f"The header of array {header.name!r} of {source} carries no sha256, so its bytes cannot be verified."
+        )
+    # The buffer gets a copy without the digest. It then returns the digest it computes instead of
+    # raising the services' IntegrityError, and _finish_buffer raises the client's one.
+    unverified = arrays_pb2.ArrayHeader()
+    unverified.CopyFrom(header)
+    unverified.sha256 = ""
+    try:
+        return ArrayBuffer(unverified, out=out)
+    except InvalidArgument as error:
+        raise DataLossError(f"The server sent an invalid header for {source}: {error}") from error
+
+
+def _add_chunk(buffer: ArrayBuffer, chunk: bytes, *, source: str) -> None:
+    try:
+        buffer.receiver.add(chunk)
+    except InvalidArgument as error:
+        raise DataLossError(f"{error} The stream came from {source}.") from error
+
+
+def _finish_buffer(buffer: ArrayBuffer, header: arrays_pb2.ArrayHeader, *, source: str) -> np.ndarray:
+    try:
+        digest = buffer.receiver.finish()
+    except InvalidArgument as error:
+        raise DataLossError(f"{error} The stream came from {source}.") from error
+    if digest != header.sha256:
+        raise IntegrityError(header.name, header.sha256, digest, source=source)
+    return buffer.array
+
+
+def _watch(stub: Any, session_id: str, *, timeout_s: float | None) -> Iterator[trainer_pb2.SessionEvent]:
+    call = stub.WatchSession(trainer_pb2.WatchSessionRequest(id=session_id), timeout=timeout_s)
+    try:
+        yield from call
+    except grpc.RpcError as error:
+        raise from_rpc_error(error) from error
+    finally:
+        call.cancel()
+
+
+def _event_state(event: trainer_pb2.SessionEvent) -> int | None:
+    kind = event.WhichOneof("event")
+    if kind == "snapshot":
+        return event.snapshot.state
+    if kind == "state":
+        return event.state
+    return None
+
+
+def _wait_timeout(session_id: str, timeout_s: float | None) -> DeadlineExceededError:
+    return DeadlineExceededError(
+        f"Session {session_id!r} did not reach a final state within {timeout_s} s; "
+        "call wait_session again to keep waiting, or stop_session to end it."
+    )
+
