@@ -67,7 +67,7 @@ def serve(
 
 
 def sha256_hex(array: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+    return hashlib.sha256(np.asarray(array).tobytes()).hexdigest()
 
 
 def header_of(name: str, array: np.ndarray, *, sha256: str = "", **overrides) -> arrays_pb2.ArrayHeader:
@@ -99,7 +99,8 @@ def upload_frames(
     """The frames of a well-formed upload of ``arrays``."""
     frames = [info_frame(name, description)]
     for array_name, array in arrays.items():
-        array = np.ascontiguousarray(array)
+        # np.asarray keeps a 0-d array 0-d, where np.ascontiguousarray would give it shape (1,).
+        array = np.asarray(array, order="C")
         frames.append(header_frame(header_of(array_name, array, sha256=sha256_hex(array) if with_sha256 else "")))
         frames.extend(chunk_frame(chunk) for chunk in split_bytes(array.tobytes(), chunk_bytes))
     return frames

@@ -27,6 +27,7 @@ ROUNDTRIP_ARRAYS = {
     "int64": np.arange(-17, 18, dtype=np.int64).reshape(5, 7) * (2**40),
     "bool": np.array([True, False, False, True, True, False, True, True, False, False, True, False, True]),
     "cube": np.random.default_rng(7).standard_normal((2, 3, 4)),
+    "scalar": np.array(2.5, dtype=np.float64),
     "empty": np.zeros((0,), dtype=np.float32),
     "empty-3d": np.zeros((3, 0, 2), dtype=np.int16),
 }
@@ -43,11 +44,11 @@ def assert_nothing_stored(service, name: str) -> None:
 
 class TestRoundtrip:
     def test_upload_returns_version(self, data_service):
-        reply = upload(data_service, "mixed", ROUNDTRIP_ARRAYS, chunk_bytes=5, description="six arrays")
+        reply = upload(data_service, "mixed", ROUNDTRIP_ARRAYS, chunk_bytes=5, description="seven arrays")
 
         assert reply.name == "mixed"
         assert reply.version == 1
-        assert reply.description == "six arrays"
+        assert reply.description == "seven arrays"
         assert reply.total_bytes == sum(array.nbytes for array in ROUNDTRIP_ARRAYS.values())
         assert reply.created_at.seconds > 0
         assert [header.name for header in reply.arrays] == list(ROUNDTRIP_ARRAYS)
@@ -64,7 +65,7 @@ class TestRoundtrip:
             assert header.sha256 == sha256_hex(array)
 
     def test_describe_matches_upload(self, data_service):
-        uploaded = upload(data_service, "mixed", ROUNDTRIP_ARRAYS, chunk_bytes=5, description="six arrays")
+        uploaded = upload(data_service, "mixed", ROUNDTRIP_ARRAYS, chunk_bytes=5, description="seven arrays")
 
         described = data_service.stub.DescribeDataset(data_service_pb2.DescribeDatasetRequest(ref="mixed@1"))
 
