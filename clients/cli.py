@@ -135,8 +135,11 @@ def command_datasets(arguments) -> int:
 
 def command_upload(arguments) -> int:
     path = pathlib.Path(arguments.file)
-    with np.load(path, allow_pickle=False) as archive:
-        arrays = {name: archive[name] for name in archive.files}
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+    except (OSError, ValueError, EOFError) as error:
+        raise SystemExit(f"Could not read {str(path)!r} as an .npz archive ({error}); save arrays with numpy.savez.") from error
     with _engine(arguments) as engine:
         dataset = engine.upload_dataset(arguments.name, arrays, description=arguments.description)
     print(f"uploaded {dataset.name}@{dataset.version}: {len(dataset.arrays)} arrays, {dataset.total_bytes:,} bytes")

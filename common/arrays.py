@@ -85,7 +85,8 @@ def as_contiguous(array: np.ndarray) -> np.ndarray:
     """Return the array in C order with a little-endian dtype, copying only when needed."""
     array = np.asarray(array)
     canonical = canonical_dtype(array.dtype.str)
-    return np.ascontiguousarray(array, dtype=canonical)
+    # Not np.ascontiguousarray, which returns a 0-d array with shape (1,).
+    return np.asarray(array, dtype=canonical, order="C")
 
 
 def sha256_of(array: np.ndarray) -> str:

@@ -1,5 +1,9 @@
 """Environment for processes that import PyTensor: dtype, backend and the shared compile caches.
 
+With floatX float32, PyTensor 3.3 switches JAX's x64 mode off when its JAX backend loads, so JAX
+computes int64 indices as int32 and warns once per operation ("Explicitly requested dtype int64
+... is not available"). Those warnings are expected; ``JAX_TRUNCATION_WARNING`` matches them.
+
 Every session process and model check gets the same compile cache folder, so a graph compiled
 once on a host is reused by every later session that builds the same operations.
 """
@@ -10,6 +14,7 @@ import pathlib
 # float32 is what GPUs train in, and it halves the memory of every dataset and parameter.
 FLOAT_DTYPE = "float32"
 BACKENDS = ("default", "jax")
+JAX_TRUNCATION_WARNING = r"Explicitly requested dtype .* is not available"
 
 
 def compute_environment(
@@ -27,8 +32,6 @@ def compute_environment(
     flags = [f"floatX={FLOAT_DTYPE}", f"base_compiledir={compile_cache / 'pytensor'}"]
     if backend == "jax":
         flags.append("mode=JAX")
-        # PyTensor graphs index with int64; without x64, JAX truncates them to int32 with a warning.
-        environment.setdefault("JAX_ENABLE_X64", "true")
     existing = environment.get("PYTENSOR_FLAGS")
     # Flags the user set come last, so they win over the engine's.
     environment["PYTENSOR_FLAGS"] = ",".join([*flags, existing] if existing else flags)

@@ -13,10 +13,12 @@ import queue
 import sys
 import threading
 import traceback
+import warnings
 
 from google.protobuf import json_format
 
 from lasagne_engine import rpc
+from lasagne_engine.compute import JAX_TRUNCATION_WARNING
 from lasagne_engine.errors import EngineError
 from lasagne_engine.modeldef import build_model, error_tail
 from lasagne_engine.trainer.training import NonFiniteLoss, SessionRun, TrainingData, check_shapes
@@ -210,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trainer", required=True, help="host:port of the trainer to attach to")
     arguments = parser.parse_args(argv)
     rpc.configure_logging()
+    warnings.filterwarnings("ignore", message=JAX_TRUNCATION_WARNING, category=UserWarning)
     token = os.environ.pop(TOKEN_VARIABLE, "")
 
     reports: queue.Queue = queue.Queue()

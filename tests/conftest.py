@@ -1,0 +1,77 @@
+"""Fixtures shared by every test: the compute environment and a full stack on loopback ports."""
+
+import os
+import pathlib
+import socket
+
+import pytest
+
+from lasagne_engine.compute import compute_environment
+
+REPOSITORY_ROOT = pathlib.Path(__file__).resolve().parent.parent
+# One stable folder for PyTensor's and JAX's compile caches, kept between runs: a cold cache costs
+# the default backend about two minutes of Numba compilation for the digits perceptron.
+COMPILE_CACHE = pathlib.Path(os.environ.get("LASAGNE_ENGINE_COMPILE_CACHE", REPOSITORY_ROOT / ".cache" / "compile-cache"))
+
+# PyTensor reads its flags once, at import, so they are set before any test imports it.
+os.environ.update(compute_environment(COMPILE_CACHE, backend="default"))
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def compile_cache() -> pathlib.Path:
+    COMPILE_CACHE.mkdir(parents=True, exist_ok=True)
+    return COMPILE_CACHE
+
+
+class Stack:
+    """The three services in this process, each on its own loopback port, with a client."""
+
+    def __init__(self, home: pathlib.Path, compile_cache: pathlib.Path, *, backend: str = "default"):
+        from lasagne_engine import rpc
+        from lasagne_engine.client import Engine
+        from lasagne_engine.data_service import add_data_service
+        from lasagne_engine.model_registry import add_model_registry
+        from lasagne_engine.trainer import add_trainer
+
+        self.home = home
+        self.registry = rpc.Server("127.0.0.1:0")
+        add_model_registry(self.registry, root=home / "registry", compile_cache=compile_cache)
+        self.data = rpc.Server("127.0.0.1:0")
+        add_data_service(self.data, root=home / "data")
+        self.trainer = rpc.Server("127.0.0.1:0")
+        self.trainer_servicer = add_trainer(
+            self.trainer,
+            root=home / "trainer",
+            registry_address=self.registry.address,
+            data_address=self.data.address,
+            compile_cache=compile_cache,
+            devices=["cpu:0"],
+            backend=backend,
+        )
+        for server in (self.registry, self.data, self.trainer):
+            server.start()
+        self.engine = Engine(
+            registry_address=self.registry.address,
+            data_address=self.data.address,
+            trainer_address=self.trainer.address,
+        )
+
+    def stop(self) -> None:
+        self.engine.close()
+        self.trainer_servicer.manager.close()
+        for server in (self.trainer, self.data, self.registry):
+            server.stop(grace_s=1.0)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, compile_cache):
+    running = Stack(tmp_path_factory.mktemp("stack"), compile_cache)
+    yield running
+    running.stop()
