@@ -1,0 +1,775 @@
+"""Metadata in SQLite and bytes in a blob store: the model registry's domain logic.
+
+Layout under the registry's root folder and its blob store::
+
+    registry.sqlite3                       model versions, parameter sets, their arrays and tags
+    blobs/models/<name>/<version>.py       source of each model version (sha256 in the metadata)
+    blobs/parameter-sets/<id>/<array>      raw C-order bytes of each array of a parameter set
+
+A parameter set's metadata rows are inserted in one transaction after every one of its blobs has
+been committed, so readers see a set whole or not at all.
+"""
+
+import contextlib
+import dataclasses
+import difflib
+import hashlib
+import json
+import logging
+import pathlib
+import sqlite3
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+
+from lasagne_engine.blobstore import BlobStore, LocalBlobStore
+from lasagne_engine.errors import IntegrityError, InvalidArgument, NotFound
+from lasagne_engine.model_registry.records import (
+    PARAMETER_SETS_PREFIX,
+    ArrayRecord,
+    ModelVersion,
+    ParameterSet,
+    ParameterSetInfo,
+    array_key,
+    model_source_key,
+    validate_parameter_set_id,
+)
+from lasagne_engine.model_registry.uploads import ParameterSetUpload
+from lasagne_engine.modeldef import source_sha256
+from lasagne_engine.names import parse_ref, validate_name
+
+logger = logging.getLogger(__name__)
+
+DATABASE_NAME = "registry.sqlite3"
+# How long a statement waits for another process's write lock before failing.
+BUSY_TIMEOUT_MS = 10_000
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS model_versions (
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    source_sha256 TEXT NOT NULL,
+    description TEXT NOT NULL,
+    default_hyperparameters TEXT NOT NULL,
+    signature TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (name, version)
+);
+
+CREATE TABLE IF NOT EXISTS parameter_sets (
+    sequence INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    model_name TEXT NOT NULL,
+    model_version INTEGER NOT NULL,
+    session_id TEXT NOT NULL,
+    epoch INTEGER NOT NULL,
+    step INTEGER NOT NULL,
+    metrics TEXT NOT NULL,
+    parent_id TEXT NOT NULL,
+    total_bytes INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    FOREIGN KEY (model_name, model_version) REFERENCES model_versions (name, version)
+);
+CREATE INDEX IF NOT EXISTS parameter_sets_by_model ON parameter_sets (model_name, model_version);
+CREATE INDEX IF NOT EXISTS parameter_sets_by_session ON parameter_sets (session_id);
+
+CREATE TABLE IF NOT EXISTS parameter_arrays (
+    set_id TEXT NOT NULL REFERENCES parameter_sets (id) ON DELETE CASCADE,
+    position INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    dtype TEXT NOT NULL,
+    shape TEXT NOT NULL,
+    nbytes INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    role TEXT NOT NULL,
+    PRIMARY KEY (set_id, name)
+);
+
+CREATE TABLE IF NOT EXISTS parameter_set_tags (
+    set_id TEXT NOT NULL REFERENCES parameter_sets (id) ON DELETE CASCADE,
+    tag TEXT NOT NULL,
+    PRIMARY KEY (set_id, tag)
+);
+CREATE INDEX IF NOT EXISTS parameter_set_tags_by_tag ON parameter_set_tags (tag);
+"""
+
+# Called as check(name, source, hyperparameters). It returns the definition's signature or raises
+# ModelDefinitionError, as checker.DefinitionChecker does.
+DefinitionCheck = Callable[[str, str, dict], dict]
+
+
+class RegistryStore:
+    """Model versions and parameter sets, with metadata in SQLite and bytes in a blob store.
+
+    Every method is safe to call from several threads. One connection serves them all, guarded by
+    a lock. Definition checks and blob transfers run outside the lock.
+
+    Parameters
+    ----------
+    root : pathlib.Path
+        Folder of the metadata database ``registry.sqlite3``; created if missing.
+    check_definition : callable
+        Called as ``check_definition(name, source, hyperparameters)`` before a new model version is
+        stored. It returns the definition's signature or raises ``ModelDefinitionError``.
+    blob_store : BlobStore, optional
+        Where sources and arrays are stored. Default ``LocalBlobStore(root / "blobs")``.
+
+    Notes
+    -----
+    At startup the store deletes parameter set blobs that no metadata row refers to, which are
+    left by a process that stopped mid-upload. Two processes must therefore never serve one root.
+    """
+
+    def __init__(
+        self, root: pathlib.Path, *, check_definition: DefinitionCheck, blob_store: BlobStore | None = None
+    ):
+        self.root = pathlib.Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.blobs = blob_store if blob_store is not None else LocalBlobStore(self.root / "blobs")
+        self._check_definition = check_definition
+        self._lock = threading.Lock()
+        self._uploading: set[str] = set()
+
+        # isolation_level=None leaves transactions to the explicit BEGIN in _transaction().
+        self._connection = sqlite3.connect(
+            self.root / DATABASE_NAME, check_same_thread=False, isolation_level=None
+        )
+        self._connection.row_factory = sqlite3.Row
+        self._connection.execute("PRAGMA journal_mode = WAL")
+        self._connection.execute("PRAGMA foreign_keys = ON")
+        self._connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        self._connection.executescript(SCHEMA)
+        # Closes the connection when the store is collected, for servers that never call close().
+        self._close_connection = weakref.finalize(self, self._connection.close)
+
+        self._remove_orphaned_blobs()
+        logger.info("Opened the model registry at %s with blobs in %r", self.root, self.blobs)
+
+    def close(self) -> None:
+        """Close the metadata database. The store must not be used afterwards."""
+        with self._lock:
+            self._close_connection()
+        logger.info("Closed the model registry at %s", self.root)
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        # BEGIN IMMEDIATE takes SQLite's write lock up front, so reads that decide what to write
+        # (the next version number, the tags to move) cannot be overtaken by another writer.
+        with self._lock:
+            self._connection.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._connection
+            except BaseException:
+                self._connection.execute("ROLLBACK")
+                raise
+            self._connection.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            yield self._connection
+
+    # Models ----------------------------------------------------------------------------------
+
+    def register_model(
+        self, name: str, source: str, *, description: str = "", hyperparameters: dict | None = None
+    ) -> ModelVersion:
+        """Check a model definition and store it as the model's next version.
+
+        Source identical to the latest version's returns that version with ``created=False``,
+        without running the check, even if the description or hyperparameters differ.
+
+        Parameters
+        ----------
+        name : str
+            Model name, 1 to 128 characters from ``[A-Za-z0-9._-]``.
+        source : str
+            Python source defining ``build(hyperparameters)``.
+        description : str
+            Free text stored with the version. Default empty.
+        hyperparameters : dict, optional
+            Hyperparameters the definition is checked with and stored as the version's defaults.
+            Default empty.
+
+        Returns
+        -------
+        ModelVersion
+            The stored version, without its source.
+
+        Raises
+        ------
+        InvalidArgument
+            If the name is invalid or the source is empty.
+        ModelDefinitionError
+            If the definition fails to import or build. Nothing is stored then.
+        """
+        validate_name(name, kind="model")
+        if not source.strip():
+            raise InvalidArgument(
+                f"The source of model {name!r} is empty; send Python source that defines build(hyperparameters)."
+            )
+        hyperparameters = dict(hyperparameters or {})
+        digest = source_sha256(source)
+
+        latest = self._latest_version(name)
+        if latest is not None and latest.source_sha256 == digest:
+            logger.info("Model %s@%d already has this source; registered nothing", name, latest.version)
+            return latest
+
+        signature = self._check_definition(name, source, hyperparameters)
+
+        stored = self._insert_model_version(name, source, digest, description, hyperparameters, signature)
+        if stored.created:
+            logger.info("Registered model %s@%d (source sha256 %s)", name, stored.version, digest)
+        else:
+            logger.info("Model %s@%d got this source meanwhile; registered nothing", name, stored.version)
+        return stored
+
+    def _insert_model_version(
+        self, name: str, source: str, digest: str, description: str, hyperparameters: dict, signature: dict
+    ) -> ModelVersion:
+        written_key = None
+        try:
+            with self._transaction() as connection:
+                # Another registration of this name may have finished while the check ran.
+                row = connection.execute(
+                    "SELECT * FROM model_versions WHERE name = ? ORDER BY version DESC LIMIT 1", (name,)
+                ).fetchone()
+                if row is not None and row["source_sha256"] == digest:
+                    return _model_version(row)
+
+                version = 1 if row is None else row["version"] + 1
+                created_at = time.time()
+                written_key = model_source_key(name, version)
+                self.blobs.put_bytes(written_key, source.encode("utf-8"))
+                connection.execute(
+                    "INSERT INTO model_versions VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        name,
+                        version,
+                        digest,
+                        description,
+                        json.dumps(hyperparameters),
+                        json.dumps(signature),
+                        created_at,
+                    ),
+                )
+        except BaseException:
+            # The version number stays free, so its blob key will be written again. Removing the
+            # source now keeps every blob paired with its row.
+            if written_key is not None:
+                self.blobs.delete(written_key)
+            raise
+
+        return ModelVersion(
+            name=name,
+            version=version,
+            source_sha256=digest,
+            description=description,
+            default_hyperparameters=hyperparameters,
+            signature=signature,
+            created_at=created_at,
+            created=True,
+        )
+
+    def _latest_version(self, name: str) -> ModelVersion | None:
+        with self._reading() as connection:
+            row = connection.execute(
+                "SELECT * FROM model_versions WHERE name = ? ORDER BY version DESC LIMIT 1", (name,)
+            ).fetchone()
+        return None if row is None else _model_version(row)
+
+    def list_models(self, name: str = "") -> list[ModelVersion]:
+        """List every version of model ``name`` in ascending order, or with ``name`` empty, the latest
+        version of every model, sorted by name. Sources are left out.
+
+        Raises
+        ------
+        InvalidArgument
+            If ``name`` is not a valid model name.
+        NotFound
+            If no model has that name.
+        """
+        if not name:
+            with self._reading() as connection:
+                rows = connection.execute(
+                    "SELECT m.* FROM model_versions AS m "
+                    "JOIN (SELECT name, MAX(version) AS version FROM model_versions GROUP BY name) AS latest "
+                    "ON m.name = latest.name AND m.version = latest.version ORDER BY m.name"
+                ).fetchall()
+            return [_model_version(row) for row in rows]
+
+        validate_name(name, kind="model")
+        with self._reading() as connection:
+            rows = connection.execute(
+                "SELECT * FROM model_versions WHERE name = ? ORDER BY version", (name,)
+            ).fetchall()
+        if not rows:
+            raise self._model_not_found(name)
+        return [_model_version(row) for row in rows]
+
+    def get_model(self, ref: str) -> ModelVersion:
+        """Return the version that ``ref`` names, with its source.
+
+        Parameters
+        ----------
+        ref : str
+            ``"name"`` for the latest version or ``"name@3"`` for version 3.
+
+        Raises
+        ------
+        InvalidArgument
+            If the reference is malformed.
+        NotFound
+            If the model or the version does not exist.
+        IntegrityError
+            If the stored source is missing or its sha256 differs from the recorded one.
+        """
+        model = self._resolve_model(ref)
+
+        key = model_source_key(model.name, model.version)
+        try:
+            source_bytes = self.blobs.get_bytes(key)
+        except KeyError as error:
+            raise IntegrityError(
+                f"The source of model {model.name}@{model.version} is missing from the blob store at {key!r}; "
+                "restore the blob store from a backup."
+            ) from error
+        digest = hashlib.sha256(source_bytes).hexdigest()
+        if digest != model.source_sha256:
+            raise IntegrityError(
+                f"The source of model {model.name}@{model.version} at {key!r} has sha256 {digest}, but "
+                f"{model.source_sha256} was recorded at registration; restore the blob store from a backup."
+            )
+        return dataclasses.replace(model, source=source_bytes.decode("utf-8"))
+
+    def _resolve_model(self, ref: str) -> ModelVersion:
+        parsed = parse_ref(ref, kind="model")
+        with self._reading() as connection:
+            if parsed.version is None:
+                row = connection.execute(
+                    "SELECT * FROM model_versions WHERE name = ? ORDER BY version DESC LIMIT 1", (parsed.name,)
+                ).fetchone()
+            else:
+                row = connection.execute(
+                    "SELECT * FROM model_versions WHERE name = ? AND version = ?", (parsed.name, parsed.version)
+                ).fetchone()
+                latest = connection.execute(
+                    "SELECT MAX(version) FROM model_versions WHERE name = ?", (parsed.name,)
+                ).fetchone()[0]
+
+        if row is not None:
+            return _model_version(row)
+        if parsed.version is None or latest is None:
+            raise self._model_not_found(parsed.name)
+        raise NotFound(
+            f"No model version {ref!r}: model {parsed.name!r} has versions 1 to {latest}. "
+            "List them with 'lasagne-engine models'."
+        )
+
+    def _model_not_found(self, name: str) -> NotFound:
+        with self._reading() as connection:
+            names = [row[0] for row in connection.execute("SELECT DISTINCT name FROM model_versions")]
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else "."
+        return NotFound(f"No model {name!r} in the registry{hint} List models with 'lasagne-engine models'.")
+
+    # Parameter sets --------------------------------------------------------------------------
+
+    def start_parameter_set(self, info: ParameterSetInfo) -> ParameterSetUpload:
+        """Check a parameter set's metadata and return an upload that receives its arrays.
+
+        Use the upload as a context manager and call :meth:`ParameterSetUpload.commit` inside it.
+        Leaving the block without committing deletes every blob the upload wrote.
+
+        Raises
+        ------
+        InvalidArgument
+            If the model reference, a tag or the parent id is malformed, or epoch or step is negative.
+        NotFound
+            If the model, its version or the parent parameter set does not exist.
+        """
+        model = self._resolve_model(info.model)
+        for tag in info.tags:
+            validate_name(tag, kind="tag")
+        if info.epoch < 0 or info.step < 0:
+            raise InvalidArgument(
+                f"Parameter set for model {info.model!r} has epoch {info.epoch} and step {info.step}; "
+                "both must be 0 or more."
+            )
+        if info.parent_id:
+            self.get_parameter_set(info.parent_id, kind="parent parameter set")
+
+        # 48 random bits collide rarely, but a collision would overwrite another set's blobs.
+        with self._lock:
+            connection = self._connection
+            while True:
+                set_id = "ps-" + uuid.uuid4().hex[:12]
+                existing = connection.execute("SELECT 1 FROM parameter_sets WHERE id = ?", (set_id,)).fetchone()
+                if existing is None and set_id not in self._uploading:
+                    break
+            self._uploading.add(set_id)
+
+        logger.info("Receiving parameter set %s for model %s@%d", set_id, model.name, model.version)
+        return ParameterSetUpload(self, set_id, info, model.name, model.version)
+
+    def insert_parameter_set(self, parameter_set: ParameterSet) -> None:
+        """Insert a parameter set's metadata in one transaction, once the upload has committed every blob.
+
+        Raises
+        ------
+        NotFound
+            If the parent parameter set no longer exists.
+        """
+        with self._transaction() as connection:
+            # The parent may have been deleted while the arrays were arriving.
+            if parameter_set.parent_id:
+                parent = connection.execute(
+                    "SELECT 1 FROM parameter_sets WHERE id = ?", (parameter_set.parent_id,)
+                ).fetchone()
+                if parent is None:
+                    raise NotFound(
+                        f"The parent parameter set {parameter_set.parent_id!r} was deleted while "
+                        f"{parameter_set.id} was being saved; save again without parent_id or with another parent."
+                    )
+
+            connection.execute(
+                "INSERT INTO parameter_sets (id, model_name, model_version, session_id, epoch, step, metrics, "
+                "parent_id, total_bytes, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    parameter_set.id,
+                    parameter_set.model,
+                    parameter_set.model_version,
+                    parameter_set.session_id,
+                    parameter_set.epoch,
+                    parameter_set.step,
+                    json.dumps(parameter_set.metrics),
+                    parameter_set.parent_id,
+                    parameter_set.total_bytes,
+                    parameter_set.created_at,
+                ),
+            )
+            connection.executemany(
+                "INSERT INTO parameter_arrays VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        parameter_set.id,
+                        position,
+                        array.name,
+                        array.dtype,
+                        json.dumps(list(array.shape)),
+                        array.nbytes,
+                        array.sha256,
+                        array.role,
+                    )
+                    for position, array in enumerate(parameter_set.arrays)
+                ],
+            )
+            connection.executemany(
+                "INSERT INTO parameter_set_tags VALUES (?, ?)", [(parameter_set.id, tag) for tag in parameter_set.tags]
+            )
+
+    def release_upload_id(self, set_id: str) -> None:
+        """Forget an id that :meth:`start_parameter_set` reserved, after its upload commits or aborts."""
+        with self._lock:
+            self._uploading.discard(set_id)
+
+    def list_parameter_sets(self, *, model: str = "", session_id: str = "", tag: str = "") -> list[ParameterSet]:
+        """List parameter sets in the order they were saved, keeping those that match every filter given.
+
+        Parameters
+        ----------
+        model : str
+            ``"name"`` keeps the sets of every version of the model, ``"name@3"`` those of version 3.
+            Default empty, which keeps every model's sets.
+        session_id : str
+            Keeps the sets of this training session. Default empty, which keeps every session's sets.
+        tag : str
+            Keeps the sets carrying this tag. Default empty, which keeps sets with any tags or none.
+
+        Raises
+        ------
+        InvalidArgument
+            If the model reference or the tag is malformed.
+        NotFound
+            If the model or its version does not exist.
+        """
+        conditions = []
+        arguments: list = []
+        if model:
+            parsed = parse_ref(model, kind="model")
+            resolved = self._resolve_model(model)
+            conditions.append("model_name = ?")
+            arguments.append(resolved.name)
+            if parsed.version is not None:
+                conditions.append("model_version = ?")
+                arguments.append(resolved.version)
+        if session_id:
+            conditions.append("session_id = ?")
+            arguments.append(session_id)
+        if tag:
+            validate_name(tag, kind="tag")
+            conditions.append("id IN (SELECT set_id FROM parameter_set_tags WHERE tag = ?)")
+            arguments.append(tag)
+        where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
+
+        with self._reading() as connection:
+            rows = connection.execute(f"SELECT * FROM parameter_sets {where} ORDER BY sequence", arguments).fetchall()
+            return [self._parameter_set(connection, row) for row in rows]
+
+    def get_parameter_set(self, set_id: str, *, kind: str = "parameter set") -> ParameterSet:
+        """Return the parameter set with id ``set_id``.
+
+        Raises
+        ------
+        InvalidArgument
+            If the id is malformed.
+        NotFound
+            If no parameter set has that id.
+        """
+        validate_parameter_set_id(set_id)
+        with self._reading() as connection:
+            row = connection.execute("SELECT * FROM parameter_sets WHERE id = ?", (set_id,)).fetchone()
+            if row is not None:
+                return self._parameter_set(connection, row)
+        raise NotFound(
+            f"No {kind} with id {set_id!r}; it was never saved or has been deleted. "
+            "ListParameterSets returns the ids that exist."
+        )
+
+    def select_arrays(self, set_id: str, names: Iterable[str] = ()) -> list[ArrayRecord]:
+        """Return the arrays of a parameter set named in ``names``, or all of them when it is empty.
+
+        The arrays come in upload order unless ``names`` is given, in which case they come in its order.
+
+        Raises
+        ------
+        InvalidArgument
+            If the id is malformed.
+        NotFound
+            If the parameter set does not exist or contains no array of one of the names.
+        """
+        parameter_set = self.get_parameter_set(set_id)
+        names = list(dict.fromkeys(names))
+        if not names:
+            return list(parameter_set.arrays)
+
+        by_name = {array.name: array for array in parameter_set.arrays}
+        missing = [name for name in names if name not in by_name]
+        if missing:
+            raise NotFound(
+                f"Parameter set {set_id!r} contains no array named {missing[0]!r}; "
+                f"its arrays are {sorted(by_name)}."
+            )
+        return [by_name[name] for name in names]
+
+    def read_array(self, set_id: str, array: ArrayRecord, chunk_bytes: int) -> Iterator[bytes]:
+        """Yield an array's stored bytes in chunks of at most ``chunk_bytes``, verifying its sha256.
+
+        The blob is read sequentially. The last chunk is held back until the digest of all the
+        bytes has been checked, so a reader never receives a whole array that fails the check.
+
+        Raises
+        ------
+        IntegrityError
+            If the blob is missing, or its size or sha256 differs from what was recorded when it was saved.
+        NotFound
+            If the parameter set was deleted before its blob could be opened.
+        """
+        key = array_key(set_id, array.name)
+        try:
+            stream = self.blobs.open(key)
+        except KeyError as error:
+            self.get_parameter_set(set_id)
+            raise IntegrityError(
+                f"Array {array.name!r} of parameter set {set_id!r} is missing from the blob store at {key!r}; "
+                f"restore it from a backup or delete the parameter set."
+            ) from error
+
+        with stream:
+            digest = hashlib.sha256()
+            size = 0
+            pending = stream.read(chunk_bytes)
+            while True:
+                chunk = pending
+                pending = stream.read(chunk_bytes) if chunk else b""
+                digest.update(chunk)
+                size += len(chunk)
+                if not pending:
+                    _verify_stored_array(set_id, array, key, size, digest.hexdigest())
+                    if chunk:
+                        yield chunk
+                    return
+                yield chunk
+
+    def delete_parameter_set(self, set_id: str) -> None:
+        """Delete a parameter set's metadata and then its blobs.
+
+        Sets that name it as their parent keep the id in ``parent_id``.
+
+        Raises
+        ------
+        InvalidArgument
+            If the id is malformed.
+        NotFound
+            If no parameter set has that id.
+        """
+        validate_parameter_set_id(set_id)
+        with self._transaction() as connection:
+            names = [
+                row[0] for row in connection.execute("SELECT name FROM parameter_arrays WHERE set_id = ?", (set_id,))
+            ]
+            deleted = connection.execute("DELETE FROM parameter_sets WHERE id = ?", (set_id,)).rowcount
+        if not deleted:
+            raise NotFound(
+                f"No parameter set with id {set_id!r}; it was never saved or has been deleted. "
+                "ListParameterSets returns the ids that exist."
+            )
+
+        # The metadata is gone first, so a failure here leaves unreachable blobs, never a set with
+        # missing arrays. The startup sweep removes such leftovers.
+        for name in names:
+            self.blobs.delete(array_key(set_id, name))
+        logger.info("Deleted parameter set %s and its %d arrays", set_id, len(names))
+
+    def tag_parameter_set(
+        self,
+        set_id: str,
+        *,
+        add_tags: Iterable[str] = (),
+        remove_tags: Iterable[str] = (),
+        exclusive_in_session: bool = False,
+    ) -> ParameterSet:
+        """Add and remove tags of a parameter set in one transaction.
+
+        Parameters
+        ----------
+        set_id : str
+            The parameter set to tag.
+        add_tags, remove_tags : iterable of str
+            Tags to add and to remove. A tag may not appear in both. Defaults empty.
+        exclusive_in_session : bool
+            Also removes each added tag from the other parameter sets with the same session id, so
+            that, for example, only one set of a session carries ``best``. A set with an empty
+            session id shares its session with no other set, so nothing else changes. Default False.
+
+        Raises
+        ------
+        InvalidArgument
+            If the id or a tag is malformed, or a tag is both added and removed.
+        NotFound
+            If no parameter set has that id.
+        """
+        validate_parameter_set_id(set_id)
+        add_tags = list(dict.fromkeys(add_tags))
+        remove_tags = list(dict.fromkeys(remove_tags))
+        for tag in [*add_tags, *remove_tags]:
+            validate_name(tag, kind="tag")
+        both = sorted(set(add_tags) & set(remove_tags))
+        if both:
+            raise InvalidArgument(f"Tag {both[0]!r} is both added to and removed from {set_id!r}; give it in one list.")
+
+        with self._transaction() as connection:
+            row = connection.execute("SELECT session_id FROM parameter_sets WHERE id = ?", (set_id,)).fetchone()
+            if row is None:
+                raise NotFound(
+                    f"No parameter set with id {set_id!r}; it was never saved or has been deleted. "
+                    "ListParameterSets returns the ids that exist."
+                )
+            session_id = row["session_id"]
+
+            moved = 0
+            if exclusive_in_session and session_id:
+                for tag in add_tags:
+                    moved += connection.execute(
+                        "DELETE FROM parameter_set_tags WHERE tag = ? AND set_id != ? AND set_id IN "
+                        "(SELECT id FROM parameter_sets WHERE session_id = ?)",
+                        (tag, set_id, session_id),
+                    ).rowcount
+            connection.executemany(
+                "INSERT OR IGNORE INTO parameter_set_tags VALUES (?, ?)", [(set_id, tag) for tag in add_tags]
+            )
+            connection.executemany(
+                "DELETE FROM parameter_set_tags WHERE set_id = ? AND tag = ?", [(set_id, tag) for tag in remove_tags]
+            )
+
+        logger.info(
+            "Tagged parameter set %s: added %s, removed %s, moved %d tags away from other sets of session %r",
+            set_id,
+            add_tags,
+            remove_tags,
+            moved,
+            session_id,
+        )
+        return self.get_parameter_set(set_id)
+
+    def _parameter_set(self, connection: sqlite3.Connection, row: sqlite3.Row) -> ParameterSet:
+        set_id = row["id"]
+        arrays = tuple(
+            ArrayRecord(
+                name=array["name"],
+                dtype=array["dtype"],
+                shape=tuple(json.loads(array["shape"])),
+                nbytes=array["nbytes"],
+                sha256=array["sha256"],
+                role=array["role"],
+            )
+            for array in connection.execute(
+                "SELECT * FROM parameter_arrays WHERE set_id = ? ORDER BY position", (set_id,)
+            )
+        )
+        tags = tuple(
+            tag for (tag,) in connection.execute("SELECT tag FROM parameter_set_tags WHERE set_id = ? ORDER BY tag", (set_id,))
+        )
+        return ParameterSet(
+            id=set_id,
+            model=row["model_name"],
+            model_version=row["model_version"],
+            session_id=row["session_id"],
+            epoch=row["epoch"],
+            step=row["step"],
+            metrics=json.loads(row["metrics"]),
+            tags=tags,
+            parent_id=row["parent_id"],
+            arrays=arrays,
+            total_bytes=row["total_bytes"],
+            created_at=row["created_at"],
+        )
+
+    def _remove_orphaned_blobs(self) -> None:
+        with self._reading() as connection:
+            known = {row[0] for row in connection.execute("SELECT id FROM parameter_sets")}
+        orphaned = [
+            key for key in self.blobs.list(PARAMETER_SETS_PREFIX) if key.split("/")[1] not in known
+        ]
+        for key in orphaned:
+            self.blobs.delete(key)
+        if orphaned:
+            logger.warning("Deleted %d blobs of parameter sets that were never completely saved", len(orphaned))
+
+
+def _verify_stored_array(set_id: str, array: ArrayRecord, key: str, size: int, digest: str) -> None:
+    if size != array.nbytes:
+        raise IntegrityError(
+            f"Array {array.name!r} of parameter set {set_id!r} has {size} bytes at {key!r}, but {array.nbytes} "
+            "were recorded when it was saved; restore the blob from a backup or delete the parameter set."
+        )
+    if digest != array.sha256:
+        raise IntegrityError(
+            f"Array {array.name!r} of parameter set {set_id!r} has sha256 {digest} at {key!r}, but {array.sha256} "
+            "was recorded when it was saved; restore the blob from a backup or delete the parameter set."
+        )
+
+
+def _model_version(row: sqlite3.Row) -> ModelVersion:
+    return ModelVersion(
+        name=row["name"],
+        version=row["version"],
+        source_sha256=row["source_sha256"],
+        description=row["description"],
+        default_hyperparameters=json.loads(row["default_hyperparameters"]),
+        signature=json.loads(row["signature"]),
+        created_at=row["created_at"],
+    )
