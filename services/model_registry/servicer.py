@@ -1,0 +1,213 @@
+"""The gRPC edge of the model registry: translates messages to and from the store's records."""
+
+import logging
+from collections.abc import Iterator
+
+import grpc
+from google.protobuf import json_format, struct_pb2
+
+from lasagne_engine.config import StreamLimits
+from lasagne_engine.errors import InvalidArgument, grpc_errors
+from lasagne_engine.model_registry import records, store
+from lasagne_engine.model_registry.uploads import ParameterSetUpload
+from lasagne_engine.timeutil import to_timestamp
+from lasagne_engine.v1 import arrays_pb2, model_registry_pb2, model_registry_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+# Bytes a chunk leaves free below the message limit for the frame's own fields.
+FRAME_OVERHEAD_BYTES = 1024
+
+
+class ModelRegistryServicer(model_registry_pb2_grpc.ModelRegistryServicer):
+    """Serves ``lasagne_engine.v1.ModelRegistry`` from a :class:`~lasagne_engine.model_registry.store.RegistryStore`.
+
+    Parameters
+    ----------
+    registry_store : RegistryStore
+        Where models and parameter sets are kept.
+    limits : StreamLimits
+        The server's message limits; ``chunk_bytes`` is the default chunk size of LoadParameterSet.
+    """
+
+    def __init__(self, registry_store: store.RegistryStore, limits: StreamLimits):
+        self.store = registry_store
+        self.limits = limits
+
+    def close(self) -> None:
+        """Close the store. Call it after the server has stopped."""
+        self.store.close()
+
+    @grpc_errors
+    def RegisterModel(self, request, context):
+        model = self.store.register_model(
+            request.name,
+            request.source,
+            description=request.description,
+            hyperparameters=json_format.MessageToDict(request.default_hyperparameters),
+        )
+        return _model_version_message(model)
+
+    @grpc_errors
+    def ListModels(self, request, context):
+        models = self.store.list_models(request.name)
+        return model_registry_pb2.ListModelsResponse(models=[_model_version_message(model) for model in models])
+
+    @grpc_errors
+    def GetModel(self, request, context):
+        return _model_version_message(self.store.get_model(request.ref))
+
+    @grpc_errors
+    def SaveParameterSet(self, request_iterator, context):
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("frame") != "info":
+            received = "an empty stream" if first is None else f"a {first.WhichOneof('frame')!r} frame"
+            raise InvalidArgument(
+                f"SaveParameterSet received {received} first; send a ParameterSetInfo frame first, "
+                "then each array's header and chunks."
+            )
+        info = first.info
+
+        upload = self.store.start_parameter_set(
+            records.ParameterSetInfo(
+                model=info.model,
+                session_id=info.session_id,
+                epoch=info.epoch,
+                step=info.step,
+                metrics=dict(info.metrics),
+                tags=tuple(info.tags),
+                parent_id=info.parent_id,
+            )
+        )
+        with upload:
+            try:
+                _receive_arrays(upload, request_iterator)
+            except grpc.RpcError:
+                # grpcio 1.85's request iterator raises a bare RpcError once the client cancels or disconnects.
+                upload.abort(reason="the client cancelled the stream")
+                context.abort(grpc.StatusCode.CANCELLED, f"SaveParameterSet of {upload.id} was cancelled.")
+            if not context.is_active():
+                upload.abort(reason="the client left before the stream ended")
+                context.abort(grpc.StatusCode.CANCELLED, f"SaveParameterSet of {upload.id} was cancelled.")
+            parameter_set = upload.commit()
+        return _parameter_set_message(parameter_set)
+
+    @grpc_errors
+    def ListParameterSets(self, request, context):
+        parameter_sets = self.store.list_parameter_sets(
+            model=request.model, session_id=request.session_id, tag=request.tag
+        )
+        return model_registry_pb2.ListParameterSetsResponse(
+            parameter_sets=[_parameter_set_message(parameter_set) for parameter_set in parameter_sets]
+        )
+
+    @grpc_errors
+    def GetParameterSet(self, request, context):
+        return _parameter_set_message(self.store.get_parameter_set(request.id))
+
+    @grpc_errors
+    def LoadParameterSet(self, request, context):
+        chunk_bytes = request.chunk_bytes or self.limits.chunk_bytes
+        max_chunk_bytes = self.limits.max_message_bytes - FRAME_OVERHEAD_BYTES
+        if not 0 < chunk_bytes <= max_chunk_bytes:
+            raise InvalidArgument(
+                f"LoadParameterSet chunk_bytes {request.chunk_bytes} is out of range; "
+                f"use 1 to {max_chunk_bytes}, or 0 for the server's default of {self.limits.chunk_bytes}."
+            )
+        arrays = self.store.select_arrays(request.id, request.names)
+
+        for array in arrays:
+            yield arrays_pb2.ArrayFrame(header=_array_header_message(array))
+            for chunk in self.store.read_array(request.id, array, chunk_bytes):
+                yield arrays_pb2.ArrayFrame(chunk=chunk)
+
+    @grpc_errors
+    def DeleteParameterSet(self, request, context):
+        self.store.delete_parameter_set(request.id)
+        return model_registry_pb2.DeleteParameterSetResponse(deleted=True)
+
+    @grpc_errors
+    def TagParameterSet(self, request, context):
+        parameter_set = self.store.tag_parameter_set(
+            request.id,
+            add_tags=request.add_tags,
+            remove_tags=request.remove_tags,
+            exclusive_in_session=request.exclusive_in_session,
+        )
+        return _parameter_set_message(parameter_set)
+
+
+def _receive_arrays(
+    upload: ParameterSetUpload, frames: Iterator[model_registry_pb2.SaveParameterSetRequest]
+) -> None:
+    for frame in frames:
+        kind = frame.WhichOneof("frame")
+        if kind == "header":
+            upload.begin_array(frame.header)
+        elif kind == "chunk":
+            upload.write(frame.chunk)
+        elif kind == "info":
+            raise InvalidArgument(
+                f"Parameter set {upload.id} received a second ParameterSetInfo frame; send it once, first."
+            )
+        else:
+            raise InvalidArgument(
+                f"Parameter set {upload.id} received a frame with none of info, header or chunk set."
+            )
+
+
+def _model_version_message(model: records.ModelVersion) -> model_registry_pb2.ModelVersion:
+    hyperparameters = struct_pb2.Struct()
+    hyperparameters.update(model.default_hyperparameters)
+    signature = model.signature
+    message = model_registry_pb2.ModelVersion(
+        name=model.name,
+        version=model.version,
+        source_sha256=model.source_sha256,
+        source=model.source or "",
+        description=model.description,
+        default_hyperparameters=hyperparameters,
+        signature=model_registry_pb2.ModelSignature(
+            input_shape=signature["input_shape"],
+            input_dtype=signature["input_dtype"],
+            output_shape=signature["output_shape"],
+            loss=signature["loss"],
+            parameters=[
+                model_registry_pb2.ArraySpec(name=parameter["name"], dtype=parameter["dtype"], shape=parameter["shape"])
+                for parameter in signature["parameters"]
+            ],
+            parameter_bytes=signature["parameter_bytes"],
+        ),
+        created=model.created,
+    )
+    message.created_at.CopyFrom(to_timestamp(model.created_at))
+    return message
+
+
+def _array_header_message(array: records.ArrayRecord) -> arrays_pb2.ArrayHeader:
+    return arrays_pb2.ArrayHeader(
+        name=array.name,
+        dtype=array.dtype,
+        shape=list(array.shape),
+        nbytes=array.nbytes,
+        sha256=array.sha256,
+        role=array.role,
+    )
+
+
+def _parameter_set_message(parameter_set: records.ParameterSet) -> model_registry_pb2.ParameterSet:
+    message = model_registry_pb2.ParameterSet(
+        id=parameter_set.id,
+        model=parameter_set.model,
+        model_version=parameter_set.model_version,
+        session_id=parameter_set.session_id,
+        epoch=parameter_set.epoch,
+        step=parameter_set.step,
+        metrics=parameter_set.metrics,
+        tags=list(parameter_set.tags),
+        parent_id=parameter_set.parent_id,
+        arrays=[_array_header_message(array) for array in parameter_set.arrays],
+        total_bytes=parameter_set.total_bytes,
+    )
+    message.created_at.CopyFrom(to_timestamp(parameter_set.created_at))
+    return message
