@@ -49,8 +49,8 @@ def evaluate_parameter_set(
         hyperparameters.update(json_format.MessageToDict(session.hyperparameters.model))
     built = build_model(model_version.source, hyperparameters, name=model_version.name)
 
-    wanted = [array_name(variable.name) for variable in [*built.trainable, *built.state]]
-    values = engine.load_parameter_set(parameter_set_id, names=wanted)
+    names = [array_name(variable.name) for variable in [*built.trainable, *built.state]]
+    values = engine.load_parameter_set(parameter_set_id, names=names)
     for variable in [*built.trainable, *built.state]:
         variable.set_value(values[array_name(variable.name)].astype(variable.get_value(borrow=True).dtype))
 

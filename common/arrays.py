@@ -3,7 +3,7 @@
 The sender describes each array with an ``ArrayHeader`` (name, dtype, shape, byte count, sha256)
 and then sends its C-order bytes in chunks. The receiver checks every chunk against the header as
 it arrives and writes it straight into its sink, a blob being stored or a preallocated array, so
-neither side holds a second copy of the array.
+neither side keeps a second copy of the array.
 """
 
 import hashlib

@@ -12,7 +12,7 @@
     ├── Unavailable          UNAVAILABLE
     └── IntegrityError       DATA_LOSS
 
-Domain code raises these and knows nothing of gRPC. :func:`grpc_errors` at the servicer edge turns
+Domain code raises these and imports nothing from gRPC. :func:`grpc_errors` at the servicer edge turns
 each into ``context.abort(code, message)``; any other exception becomes INTERNAL and is logged.
 """
 
@@ -105,6 +105,6 @@ def grpc_errors(method):
 
 
 def _is_abort(error: Exception) -> bool:
-    # context.abort() records the status and then raises a bare Exception() (grpcio 1.85); that
-    # one must propagate unchanged, or the recorded status would be replaced by INTERNAL.
+    # context.abort() records the status, then raises a bare Exception() (grpcio 1.85). That
+    # exception must propagate unchanged, because catching it would replace the status with INTERNAL.
     return type(error) is Exception and not error.args

@@ -57,7 +57,7 @@ def running_pid(paths: Paths) -> int | None:
 
 
 def up(paths: Paths, addresses: Addresses, *, timeout_s: float = START_TIMEOUT_S) -> tuple[int | None, bool]:
-    """Start ``lasagne-engine serve all`` in the background unless every service already answers.
+    """Start ``lasagne-engine serve all`` in the background unless every service already reports SERVING.
 
     Returns the pid (None when the services were already up without a pid file of ours) and
     whether a new process was started.

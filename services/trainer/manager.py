@@ -35,7 +35,7 @@ WATCH_POLL_S = 1.0
 
 @dataclass
 class LiveSession:
-    """What the manager holds for a session with a process."""
+    """The manager's record, specification and command queue for a session with a process."""
 
     record: trainer_pb2.Session
     spec: trainer_pb2.SessionSpec
