@@ -59,6 +59,36 @@ class TrainerStub:
                 request_serializer=lasagne__engine_dot_v1_dot_trainer__pb2.WatchSessionRequest.SerializeToString,
                 response_deserializer=lasagne__engine_dot_v1_dot_trainer__pb2.SessionEvent.FromString,
                 _registered_method=True)
+        self.PauseSession = channel.unary_unary(
+                '/lasagne_engine.v1.Trainer/PauseSession',
+                request_serializer=lasagne__engine_dot_v1_dot_trainer__pb2.PauseSessionRequest.SerializeToString,
+                response_deserializer=lasagne__engine_dot_v1_dot_trainer__pb2.Session.FromString,
+                _registered_method=True)
+        self.ResumeSession = channel.unary_unary(
+                '/lasagne_engine.v1.Trainer/ResumeSession',
+                request_serializer=lasagne__engine_dot_v1_dot_trainer__pb2.ResumeSessionRequest.SerializeToString,
+                response_deserializer=lasagne__engine_dot_v1_dot_trainer__pb2.Session.FromString,
+                _registered_method=True)
+        self.CheckpointSession = channel.unary_unary(
+                '/lasagne_engine.v1.Trainer/CheckpointSession',
+                request_serializer=lasagne__engine_dot_v1_dot_trainer__pb2.CheckpointSessionRequest.SerializeToString,
+                response_deserializer=lasagne__engine_dot_v1_dot_trainer__pb2.CheckpointSessionResponse.FromString,
+                _registered_method=True)
+        self.UpdateHyperparameters = channel.unary_unary(
+                '/lasagne_engine.v1.Trainer/UpdateHyperparameters',
+                request_serializer=lasagne__engine_dot_v1_dot_trainer__pb2.UpdateHyperparametersRequest.SerializeToString,
+                response_deserializer=lasagne__engine_dot_v1_dot_trainer__pb2.Session.FromString,
+                _registered_method=True)
+        self.GetDevices = channel.unary_unary(
+                '/lasagne_engine.v1.Trainer/GetDevices',
+                request_serializer=lasagne__engine_dot_v1_dot_trainer__pb2.GetDevicesRequest.SerializeToString,
+                response_deserializer=lasagne__engine_dot_v1_dot_trainer__pb2.GetDevicesResponse.FromString,
+                _registered_method=True)
+        self.WatchMetrics = channel.unary_stream(
+                '/lasagne_engine.v1.Trainer/WatchMetrics',
+                request_serializer=lasagne__engine_dot_v1_dot_trainer__pb2.WatchMetricsRequest.SerializeToString,
+                response_deserializer=lasagne__engine_dot_v1_dot_trainer__pb2.MetricPoint.FromString,
+                _registered_method=True)
         self.AttachWorker = channel.stream_stream(
                 '/lasagne_engine.v1.Trainer/AttachWorker',
                 request_serializer=lasagne__engine_dot_v1_dot_trainer__pb2.WorkerReport.SerializeToString,
@@ -102,6 +132,51 @@ class TrainerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PauseSession(self, request, context):
+        """Pauses before the next step. With release, the session checkpoints, frees its device and
+        becomes SUSPENDED; without, it keeps its device memory and becomes PAUSED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeSession(self, request, context):
+        """Resumes a PAUSED session in place, or relaunches a SUSPENDED or INTERRUPTED one from its last
+        parameter set on any free device, continuing its step and epoch numbering.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CheckpointSession(self, request, context):
+        """Saves a parameter set of a live session now and returns its id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateHyperparameters(self, request, context):
+        """Changes hyperparameters of a live session, applied at its next step without recompiling.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDevices(self, request, context):
+        """Lists the trainer's devices with their memory budgets, memory in use and sessions.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchMetrics(self, request, context):
+        """Streams metric points of the given sessions (all live sessions when none is given) as they
+        are reported.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def AttachWorker(self, request_iterator, context):
         """The channel a session process holds open to its trainer: it sends reports and receives
         commands. The first report must be a WorkerHello.
@@ -137,6 +212,36 @@ def add_TrainerServicer_to_server(servicer, server):
                     servicer.WatchSession,
                     request_deserializer=lasagne__engine_dot_v1_dot_trainer__pb2.WatchSessionRequest.FromString,
                     response_serializer=lasagne__engine_dot_v1_dot_trainer__pb2.SessionEvent.SerializeToString,
+            ),
+            'PauseSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseSession,
+                    request_deserializer=lasagne__engine_dot_v1_dot_trainer__pb2.PauseSessionRequest.FromString,
+                    response_serializer=lasagne__engine_dot_v1_dot_trainer__pb2.Session.SerializeToString,
+            ),
+            'ResumeSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeSession,
+                    request_deserializer=lasagne__engine_dot_v1_dot_trainer__pb2.ResumeSessionRequest.FromString,
+                    response_serializer=lasagne__engine_dot_v1_dot_trainer__pb2.Session.SerializeToString,
+            ),
+            'CheckpointSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckpointSession,
+                    request_deserializer=lasagne__engine_dot_v1_dot_trainer__pb2.CheckpointSessionRequest.FromString,
+                    response_serializer=lasagne__engine_dot_v1_dot_trainer__pb2.CheckpointSessionResponse.SerializeToString,
+            ),
+            'UpdateHyperparameters': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateHyperparameters,
+                    request_deserializer=lasagne__engine_dot_v1_dot_trainer__pb2.UpdateHyperparametersRequest.FromString,
+                    response_serializer=lasagne__engine_dot_v1_dot_trainer__pb2.Session.SerializeToString,
+            ),
+            'GetDevices': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDevices,
+                    request_deserializer=lasagne__engine_dot_v1_dot_trainer__pb2.GetDevicesRequest.FromString,
+                    response_serializer=lasagne__engine_dot_v1_dot_trainer__pb2.GetDevicesResponse.SerializeToString,
+            ),
+            'WatchMetrics': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchMetrics,
+                    request_deserializer=lasagne__engine_dot_v1_dot_trainer__pb2.WatchMetricsRequest.FromString,
+                    response_serializer=lasagne__engine_dot_v1_dot_trainer__pb2.MetricPoint.SerializeToString,
             ),
             'AttachWorker': grpc.stream_stream_rpc_method_handler(
                     servicer.AttachWorker,
@@ -279,6 +384,168 @@ class Trainer:
             '/lasagne_engine.v1.Trainer/WatchSession',
             lasagne__engine_dot_v1_dot_trainer__pb2.WatchSessionRequest.SerializeToString,
             lasagne__engine_dot_v1_dot_trainer__pb2.SessionEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lasagne_engine.v1.Trainer/PauseSession',
+            lasagne__engine_dot_v1_dot_trainer__pb2.PauseSessionRequest.SerializeToString,
+            lasagne__engine_dot_v1_dot_trainer__pb2.Session.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lasagne_engine.v1.Trainer/ResumeSession',
+            lasagne__engine_dot_v1_dot_trainer__pb2.ResumeSessionRequest.SerializeToString,
+            lasagne__engine_dot_v1_dot_trainer__pb2.Session.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckpointSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lasagne_engine.v1.Trainer/CheckpointSession',
+            lasagne__engine_dot_v1_dot_trainer__pb2.CheckpointSessionRequest.SerializeToString,
+            lasagne__engine_dot_v1_dot_trainer__pb2.CheckpointSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateHyperparameters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lasagne_engine.v1.Trainer/UpdateHyperparameters',
+            lasagne__engine_dot_v1_dot_trainer__pb2.UpdateHyperparametersRequest.SerializeToString,
+            lasagne__engine_dot_v1_dot_trainer__pb2.Session.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDevices(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lasagne_engine.v1.Trainer/GetDevices',
+            lasagne__engine_dot_v1_dot_trainer__pb2.GetDevicesRequest.SerializeToString,
+            lasagne__engine_dot_v1_dot_trainer__pb2.GetDevicesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchMetrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/lasagne_engine.v1.Trainer/WatchMetrics',
+            lasagne__engine_dot_v1_dot_trainer__pb2.WatchMetricsRequest.SerializeToString,
+            lasagne__engine_dot_v1_dot_trainer__pb2.MetricPoint.FromString,
             options,
             channel_credentials,
             insecure,
