@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from lasagne_engine.errors import IntegrityError, InvalidArgument
+from lasagne_engine.errors import IntegrityError, InvalidArgument, ResourceExhausted
 from lasagne_engine.names import validate_name
 from lasagne_engine.v1 import arrays_pb2
 
@@ -200,3 +200,55 @@ class ArrayBuffer:
         """Verify the array as :meth:`ArrayReceiver.finish` does and return it."""
         self.receiver.finish()
         return self.array
+
+
+class UploadLimits:
+    """Checks the chunks and declared sizes of one upload against a server's limits.
+
+    Parameters
+    ----------
+    what : str
+        The object being uploaded, for messages, for example ``"dataset 'digits'"``.
+    max_total_bytes : int
+        Maximum sum of the declared sizes of all arrays of the upload.
+    total_setting : str
+        Server setting that raises ``max_total_bytes``, named in the message.
+    max_chunk_bytes : int
+        Maximum size of one chunk.
+    """
+
+    def __init__(self, *, what: str, max_total_bytes: int, total_setting: str, max_chunk_bytes: int):
+        self.what = what
+        self.max_total_bytes = max_total_bytes
+        self.total_setting = total_setting
+        self.max_chunk_bytes = max_chunk_bytes
+        self.declared_bytes = 0
+
+    def check_header(self, header: arrays_pb2.ArrayHeader) -> None:
+        """Validate ``header`` and add its size to the upload's total.
+
+        Raises
+        ------
+        InvalidArgument
+            If the header is invalid.
+        ResourceExhausted
+            If the upload's arrays would exceed ``max_total_bytes`` together.
+        """
+        validate_header(header)
+        total = self.declared_bytes + header.nbytes
+        if total > self.max_total_bytes:
+            raise ResourceExhausted(
+                f"Array {header.name!r} of {header.nbytes} bytes would bring {self.what} to {total} bytes; "
+                f"the server's maximum is {self.max_total_bytes} bytes ({self.total_setting}). "
+                "Split the arrays into several uploads, or raise the limit on the server."
+            )
+        self.declared_bytes = total
+
+    def check_chunk(self, chunk: bytes) -> None:
+        """Raise ResourceExhausted if ``chunk`` is larger than ``max_chunk_bytes``."""
+        if len(chunk) > self.max_chunk_bytes:
+            raise ResourceExhausted(
+                f"A chunk of {len(chunk)} bytes for {self.what} is larger than the server's maximum of "
+                f"{self.max_chunk_bytes} bytes per chunk; send smaller chunks (LASAGNE_ENGINE_CHUNK_BYTES on "
+                "the client) or raise LASAGNE_ENGINE_MAX_CHUNK_BYTES on the server."
+            )

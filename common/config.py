@@ -17,6 +17,16 @@ DEFAULT_TRAINER_PORT = 50153
 DEFAULT_CHUNK_BYTES = 1 << 20
 # Explicit on both ends: gRPC's own default receive limit is 4 MiB.
 DEFAULT_MAX_MESSAGE_BYTES = 16 << 20
+# Bytes a message needs next to a chunk for the frame's own fields.
+FRAME_OVERHEAD_BYTES = 1024
+# Upper bounds that stop a runaway or hostile upload before it fills the disk. They are not sized
+# for any machine; raise them through the environment for larger datasets or models.
+DEFAULT_MAX_DATASET_BYTES = 64 << 30
+DEFAULT_MAX_PARAMETER_SET_BYTES = 16 << 30
+# Streaming calls one client connection may have open on one server at once. Each open stream
+# holds one of the server's threads, 32 by default, so one client cannot queue more streams than
+# the server has threads.
+DEFAULT_MAX_STREAMS_PER_CLIENT = 32
 
 
 def _env_int(name: str, default: int) -> int:
@@ -57,23 +67,62 @@ class Addresses:
 
 @dataclass(frozen=True)
 class StreamLimits:
-    """Chunk and message sizes for the bulk streams."""
+    """Chunk and message sizes for the bulk streams, and the limits a server enforces on them.
+
+    ``max_chunk_bytes`` defaults to the message limit less 1 KiB of frame overhead. A server
+    rejects an upload chunk larger than it, a dataset or parameter set larger than its maximum,
+    and a client's stream beyond ``max_streams_per_client`` with RESOURCE_EXHAUSTED.
+    """
 
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_chunk_bytes: int | None = None
+    max_dataset_bytes: int = DEFAULT_MAX_DATASET_BYTES
+    max_parameter_set_bytes: int = DEFAULT_MAX_PARAMETER_SET_BYTES
+    max_streams_per_client: int = DEFAULT_MAX_STREAMS_PER_CLIENT
+
+    def __post_init__(self) -> None:
+        if self.max_chunk_bytes is None:
+            object.__setattr__(self, "max_chunk_bytes", self.max_message_bytes - FRAME_OVERHEAD_BYTES)
 
     @classmethod
     def from_env(cls) -> "StreamLimits":
-        """Read ``LASAGNE_ENGINE_CHUNK_BYTES`` and ``LASAGNE_ENGINE_MAX_MESSAGE_BYTES``."""
+        """Read ``LASAGNE_ENGINE_CHUNK_BYTES``, ``LASAGNE_ENGINE_MAX_MESSAGE_BYTES``,
+        ``LASAGNE_ENGINE_MAX_CHUNK_BYTES``, ``LASAGNE_ENGINE_MAX_DATASET_BYTES``,
+        ``LASAGNE_ENGINE_MAX_PARAMETER_SET_BYTES`` and ``LASAGNE_ENGINE_MAX_STREAMS_PER_CLIENT``.
+
+        Raises
+        ------
+        ValueError
+            If a variable is not an integer, or the sizes contradict each other.
+        """
+        max_message_bytes = _env_int("LASAGNE_ENGINE_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES)
         limits = cls(
             chunk_bytes=_env_int("LASAGNE_ENGINE_CHUNK_BYTES", DEFAULT_CHUNK_BYTES),
-            max_message_bytes=_env_int("LASAGNE_ENGINE_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES),
+            max_message_bytes=max_message_bytes,
+            max_chunk_bytes=_env_int("LASAGNE_ENGINE_MAX_CHUNK_BYTES", max_message_bytes - FRAME_OVERHEAD_BYTES),
+            max_dataset_bytes=_env_int("LASAGNE_ENGINE_MAX_DATASET_BYTES", DEFAULT_MAX_DATASET_BYTES),
+            max_parameter_set_bytes=_env_int("LASAGNE_ENGINE_MAX_PARAMETER_SET_BYTES", DEFAULT_MAX_PARAMETER_SET_BYTES),
+            max_streams_per_client=_env_int("LASAGNE_ENGINE_MAX_STREAMS_PER_CLIENT", DEFAULT_MAX_STREAMS_PER_CLIENT),
         )
-        if limits.chunk_bytes <= 0 or limits.chunk_bytes > limits.max_message_bytes - 1024:
+        if limits.chunk_bytes <= 0 or limits.chunk_bytes > limits.max_message_bytes - FRAME_OVERHEAD_BYTES:
             raise ValueError(
                 f"LASAGNE_ENGINE_CHUNK_BYTES={limits.chunk_bytes} must be positive and at least 1 KiB below "
                 f"LASAGNE_ENGINE_MAX_MESSAGE_BYTES={limits.max_message_bytes}."
             )
+        if not limits.chunk_bytes <= limits.max_chunk_bytes <= limits.max_message_bytes - FRAME_OVERHEAD_BYTES:
+            raise ValueError(
+                f"LASAGNE_ENGINE_MAX_CHUNK_BYTES={limits.max_chunk_bytes} must be at least "
+                f"LASAGNE_ENGINE_CHUNK_BYTES={limits.chunk_bytes} and at least 1 KiB below "
+                f"LASAGNE_ENGINE_MAX_MESSAGE_BYTES={limits.max_message_bytes}."
+            )
+        for name, value in (
+            ("LASAGNE_ENGINE_MAX_DATASET_BYTES", limits.max_dataset_bytes),
+            ("LASAGNE_ENGINE_MAX_PARAMETER_SET_BYTES", limits.max_parameter_set_bytes),
+            ("LASAGNE_ENGINE_MAX_STREAMS_PER_CLIENT", limits.max_streams_per_client),
+        ):
+            if value <= 0:
+                raise ValueError(f"{name}={value} must be a positive integer.")
         return limits
 
 

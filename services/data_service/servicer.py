@@ -5,6 +5,7 @@ from collections.abc import Iterable, Iterator
 
 import grpc
 
+from lasagne_engine.arrays import UploadLimits
 from lasagne_engine.config import StreamLimits
 from lasagne_engine.data_service.store import ArrayRecord, DatasetRecord, DatasetStore
 from lasagne_engine.errors import EngineError, InvalidArgument, grpc_errors
@@ -56,11 +57,19 @@ class DataServiceServicer(data_service_pb2_grpc.DataServiceServicer):
             )
 
         with self.store.begin_upload(first.info.name, description=first.info.description) as upload:
+            limits = UploadLimits(
+                what=f"dataset {upload.name!r}",
+                max_total_bytes=self.limits.max_dataset_bytes,
+                total_setting="LASAGNE_ENGINE_MAX_DATASET_BYTES",
+                max_chunk_bytes=self.limits.max_chunk_bytes,
+            )
             for frame in frames:
                 kind = frame.WhichOneof("frame")
                 if kind == "chunk":
+                    limits.check_chunk(frame.chunk)
                     upload.write(frame.chunk)
                 elif kind == "header":
+                    limits.check_header(frame.header)
                     upload.start_array(frame.header)
                 elif kind == "info":
                     raise InvalidArgument(
@@ -107,7 +116,7 @@ class DataServiceServicer(data_service_pb2_grpc.DataServiceServicer):
                 f"Invalid chunk_bytes {requested!r}: give a positive number of bytes, or 0 for the server default."
             )
         chunk_bytes = requested or self.limits.chunk_bytes
-        return min(chunk_bytes, self.limits.max_message_bytes - MESSAGE_OVERHEAD_BYTES)
+        return min(chunk_bytes, self.limits.max_chunk_bytes, self.limits.max_message_bytes - MESSAGE_OVERHEAD_BYTES)
 
 
 def _receive(request_iterator: Iterable) -> Iterator:

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 import grpc
 from google.protobuf import json_format, struct_pb2
 
+from lasagne_engine.arrays import UploadLimits
 from lasagne_engine.config import StreamLimits
 from lasagne_engine.errors import InvalidArgument, grpc_errors
 from lasagne_engine.model_registry import records, store
@@ -80,8 +81,14 @@ class ModelRegistryServicer(model_registry_pb2_grpc.ModelRegistryServicer):
             )
         )
         with upload:
+            limits = UploadLimits(
+                what=f"parameter set {upload.id}",
+                max_total_bytes=self.limits.max_parameter_set_bytes,
+                total_setting="LASAGNE_ENGINE_MAX_PARAMETER_SET_BYTES",
+                max_chunk_bytes=self.limits.max_chunk_bytes,
+            )
             try:
-                _receive_arrays(upload, request_iterator)
+                _receive_arrays(upload, request_iterator, limits)
             except grpc.RpcError:
                 # grpcio 1.85's request iterator raises a bare RpcError once the client cancels or disconnects.
                 upload.abort(reason="the client cancelled the stream")
@@ -108,7 +115,7 @@ class ModelRegistryServicer(model_registry_pb2_grpc.ModelRegistryServicer):
     @grpc_errors
     def LoadParameterSet(self, request, context):
         chunk_bytes = request.chunk_bytes or self.limits.chunk_bytes
-        max_chunk_bytes = self.limits.max_message_bytes - FRAME_OVERHEAD_BYTES
+        max_chunk_bytes = min(self.limits.max_chunk_bytes, self.limits.max_message_bytes - FRAME_OVERHEAD_BYTES)
         if not 0 < chunk_bytes <= max_chunk_bytes:
             raise InvalidArgument(
                 f"LoadParameterSet chunk_bytes {request.chunk_bytes} is out of range; "
@@ -138,13 +145,15 @@ class ModelRegistryServicer(model_registry_pb2_grpc.ModelRegistryServicer):
 
 
 def _receive_arrays(
-    upload: ParameterSetUpload, frames: Iterator[model_registry_pb2.SaveParameterSetRequest]
+    upload: ParameterSetUpload, frames: Iterator[model_registry_pb2.SaveParameterSetRequest], limits: UploadLimits
 ) -> None:
     for frame in frames:
         kind = frame.WhichOneof("frame")
         if kind == "header":
+            limits.check_header(frame.header)
             upload.begin_array(frame.header)
         elif kind == "chunk":
+            limits.check_chunk(frame.chunk)
             upload.write(frame.chunk)
         elif kind == "info":
             raise InvalidArgument(
