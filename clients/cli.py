@@ -254,9 +254,27 @@ def _session_rows(sessions) -> list[list[str]]:
 
 
 def command_sessions(arguments) -> int:
+    if arguments.compare:
+        return _compare_sessions(arguments)
     with _engine(arguments) as engine:
         sessions = engine.list_sessions()
     _table(_session_rows(sessions), ["session", "state", "model", "dataset", "device", "epoch", "val loss", "best acc", "created"])
+    return 0
+
+
+def _compare_sessions(arguments) -> int:
+    from lasagne_engine.client.compare import DIFFERS_MARK, comparison_rows
+
+    if len(arguments.compare) < 2:
+        raise SystemExit("Name at least two sessions to compare, for example: sessions --compare s-1 s-2.")
+    with _engine(arguments) as engine:
+        sessions = [engine.get_session(session_id) for session_id in arguments.compare]
+        model_defaults = {}
+        for ref in sorted({f"{session.model}@{session.model_version}" for session in sessions}):
+            model = engine.get_model(ref)
+            model_defaults[ref] = json_format.MessageToDict(model.default_hyperparameters)
+    _table(comparison_rows(sessions, model_defaults), ["", *(session.id for session in sessions)])
+    print(f"{DIFFERS_MARK} differs between the sessions")
     return 0
 
 
@@ -276,8 +294,12 @@ def command_train(arguments) -> int:
             batch_size=arguments.batch_size, epochs=arguments.epochs, seed=arguments.seed,
             model_hyperparameters=_key_values(arguments.set), monitor=arguments.monitor,
             init_parameter_set=arguments.init_parameter_set or "", description=arguments.description,
+            device=arguments.device or "", resume_from=arguments.resume_from or "",
+            early_stopping_patience=arguments.patience, keep_best=arguments.keep_best,
+            keep_latest=arguments.keep_latest,
         )
-        print(f"started session {session.id} on {session.device}")
+        place = f"on {session.device}" if session.device else f"queued at position {session.queue_position}"
+        print(f"started session {session.id} {place}")
         if arguments.follow:
             progress = SessionProgress(refresh=lambda: engine.get_session(session.id))
             for event in engine.watch_session(session.id):
@@ -290,12 +312,112 @@ def command_train(arguments) -> int:
 
 
 def command_watch(arguments) -> int:
-    from lasagne_engine.client.progress import SessionProgress
+    from lasagne_engine.client import FINAL_STATES
+    from lasagne_engine.client.progress import ProgressView
+    from lasagne_engine.client.watch import watch_sessions
 
     with _engine(arguments) as engine:
-        progress = SessionProgress(refresh=lambda: engine.get_session(arguments.id))
-        for event in engine.watch_session(arguments.id):
-            progress.update(event)
+        session_ids = list(arguments.ids)
+        if not session_ids:
+            live_states = [state for state in trainer_pb2.SessionState.values() if state and state not in FINAL_STATES]
+            session_ids = [session.id for session in engine.list_sessions(states=live_states)]
+            if not session_ids:
+                print("No live sessions to watch; start one with 'lasagne-engine train' or name a session.")
+                return 0
+        for session_id in session_ids:
+            engine.get_session(session_id)  # raises NotFoundError before the view starts drawing
+        view = ProgressView(refresh=engine.get_session, show_session_ids=True)
+        failures = watch_sessions(engine, session_ids, view)
+        finals = [view.session(session_id) or engine.get_session(session_id) for session_id in session_ids]
+    for session_id, error in failures.items():
+        print(f"error: watching session {session_id} failed: {error}", file=sys.stderr)
+    failed = [session for session in finals if session.state == trainer_pb2.FAILED]
+    for session in failed:
+        print(f"session {session.id} failed: {session.error}", file=sys.stderr)
+    return 1 if failures or failed else 0
+
+
+def command_plot(arguments) -> int:
+    from lasagne_engine.client.plots import plot_sessions
+
+    with _engine(arguments) as engine:
+        sessions = [engine.get_session(session_id) for session_id in arguments.ids]
+    for session in sessions:
+        if not session.epochs:
+            print(f"session {session.id} has no finished epoch yet; it is left out", file=sys.stderr)
+    panels = plot_sessions(sessions, pathlib.Path(arguments.out))
+    print(f"wrote {arguments.out}: {', '.join(panels)} of {len([s for s in sessions if s.epochs])} sessions")
+    return 0
+
+
+def command_plot_params(arguments) -> int:
+    from lasagne_engine.client.plots import plot_parameter_histograms, weight_array_names
+
+    ids = [arguments.id, *([arguments.other] if arguments.other else [])]
+    with _engine(arguments) as engine:
+        loaded = []
+        for parameter_set_id in ids:
+            parameter_set = engine.get_parameter_set(parameter_set_id)
+            names = weight_array_names({header.name: header.role for header in parameter_set.arrays})
+            loaded.append((parameter_set, engine.load_parameter_set(parameter_set_id, names=names)))
+    described = [f"{p.id} ({p.model}@{p.model_version}, epoch {p.epoch}, step {p.step})" for p, _ in loaded]
+    if len(loaded) == 1:
+        title = f"Weights of parameter set {described[0]}"
+        drawn = plot_parameter_histograms(loaded[0][1], pathlib.Path(arguments.out), title=title, bins=arguments.bins)
+    else:
+        title = f"Change from {described[0]}\nto {described[1]}"
+        drawn = plot_parameter_histograms(
+            loaded[1][1], pathlib.Path(arguments.out), title=title, baseline=loaded[0][1], bins=arguments.bins,
+        )
+    print(f"wrote {arguments.out}: histograms of {len(drawn)} arrays")
+    return 0
+
+
+def command_devices(arguments) -> int:
+    with _engine(arguments) as engine:
+        status = engine.get_devices()
+    _table(
+        [[d.name, d.backend, f"{d.memory_budget_bytes:,}", f"{d.memory_used_bytes:,}", ",".join(d.session_ids) or "-"]
+         for d in status.devices],
+        ["device", "backend", "budget bytes", "used bytes", "session"],
+    )
+    if status.queued_session_ids:
+        print(f"queued: {', '.join(status.queued_session_ids)}")
+    return 0
+
+
+def command_pause(arguments) -> int:
+    from lasagne_engine.client import state_name
+
+    with _engine(arguments) as engine:
+        session = engine.pause_session(arguments.id, release=arguments.release)
+    action = "suspend" if arguments.release else "pause"
+    print(f"{action} requested for {session.id} ({state_name(session.state)})")
+    return 0
+
+
+def command_resume(arguments) -> int:
+    from lasagne_engine.client import state_name
+
+    with _engine(arguments) as engine:
+        session = engine.resume_session(arguments.id)
+    print(f"resume requested for {session.id} ({state_name(session.state)})")
+    return 0
+
+
+def command_checkpoint(arguments) -> int:
+    with _engine(arguments) as engine:
+        parameter_set_id = engine.checkpoint_session(arguments.id)
+    print(f"saved parameter set {parameter_set_id}")
+    return 0
+
+
+def command_set_lr(arguments) -> int:
+    with _engine(arguments) as engine:
+        session = engine.update_hyperparameters(arguments.id, learning_rate=arguments.learning_rate)
+    change = session.history[-1] if session.history else None
+    if change is not None:
+        print(f"{session.id}: learning rate {change.old_value:g} -> {change.new_value:g} at step {change.step}")
     return 0
 
 
@@ -380,15 +502,47 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--monitor", default="val_loss", help="metric that picks the best parameter set (default val_loss)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model hyperparameter; repeatable")
     train.add_argument("--init-parameter-set", help="start from this parameter set's arrays")
+    train.add_argument("--resume-from", help="continue from this parameter set, its optimizer state and step count")
+    train.add_argument("--device", help="device to run on, such as gpu:1 (default: the first free one)")
+    train.add_argument("--patience", type=int, default=0, help="stop after N epochs without improvement (default 0: never)")
+    train.add_argument("--keep-best", type=int, default=0, help="keep the N best parameter sets (default 0: keep all)")
+    train.add_argument("--keep-latest", type=int, default=0, help="keep the N latest parameter sets (default 0: keep all)")
     train.add_argument("--description", default="")
     train.add_argument("--follow", action="store_true", help="show live progress until the session ends")
-    add("sessions", command_sessions, "list training sessions")
+    sessions = add("sessions", command_sessions, "list training sessions, or compare some side by side")
+    sessions.add_argument(
+        "--compare", nargs="+", metavar="SESSION",
+        help="show these sessions' hyperparameters, best validation metrics, epochs and wall time side by side",
+    )
     session = add("session", command_session, "show one session with its per-epoch metrics, as JSON")
     session.add_argument("id")
-    watch = add("watch", command_watch, "show live progress of a session")
-    watch.add_argument("id")
+    watch = add("watch", command_watch, "show live progress of sessions, one line each, until they end")
+    watch.add_argument("ids", nargs="*", metavar="SESSION", help="sessions to watch (default: every live session)")
+    plot = add("plot", command_plot, "draw the loss and validation metric curves of sessions side by side")
+    plot.add_argument("ids", nargs="+", metavar="SESSION")
+    plot.add_argument("--out", required=True, metavar="FILE.png", help="image to write; the extension sets the format")
+    plot_params = add(
+        "plot-params", command_plot_params,
+        "draw a histogram of each weight array of a parameter set, or of its change from a first set",
+    )
+    plot_params.add_argument("id", metavar="PARAMSET", help="parameter set id")
+    plot_params.add_argument("other", nargs="?", metavar="PARAMSET2",
+                             help="second parameter set: draw PARAMSET2 - PARAMSET instead")
+    plot_params.add_argument("--out", required=True, metavar="FILE.png", help="image to write; the extension sets the format")
+    plot_params.add_argument("--bins", type=int, default=60, help="histogram bins per array (default 60)")
     stop = add("stop", command_stop, "stop a session after saving a final parameter set")
     stop.add_argument("id")
+    add("devices", command_devices, "list the trainer's devices, their memory and sessions")
+    pause = add("pause", command_pause, "pause a running session before its next step")
+    pause.add_argument("id")
+    pause.add_argument("--release", action="store_true", help="checkpoint and free the device (state suspended)")
+    resume = add("resume", command_resume, "resume a paused, suspended or interrupted session")
+    resume.add_argument("id")
+    checkpoint = add("checkpoint", command_checkpoint, "save a parameter set of a live session now")
+    checkpoint.add_argument("id")
+    set_lr = add("set-lr", command_set_lr, "change a live session's learning rate at its next step")
+    set_lr.add_argument("id")
+    set_lr.add_argument("learning_rate", type=float)
     return parser
 
 

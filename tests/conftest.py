@@ -33,12 +33,13 @@ def compile_cache() -> pathlib.Path:
 class Stack:
     """The three services in this process, each on its own loopback port, with a client."""
 
-    def __init__(self, home: pathlib.Path, compile_cache: pathlib.Path, *, backend: str = "default"):
+    def __init__(self, home: pathlib.Path, compile_cache: pathlib.Path, *, backend: str = "default", devices=None):
         from lasagne_engine import rpc
         from lasagne_engine.client import Engine
         from lasagne_engine.data_service import add_data_service
         from lasagne_engine.model_registry import add_model_registry
         from lasagne_engine.trainer import add_trainer
+        from lasagne_engine.trainer.devices import cpu_devices
 
         self.home = home
         self.registry = rpc.Server("127.0.0.1:0")
@@ -52,7 +53,7 @@ class Stack:
             registry_address=self.registry.address,
             data_address=self.data.address,
             compile_cache=compile_cache,
-            devices=["cpu:0"],
+            devices=devices or cpu_devices(1, memory_budget_bytes=4 << 30),
             backend=backend,
         )
         for server in (self.registry, self.data, self.trainer):

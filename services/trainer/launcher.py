@@ -20,6 +20,16 @@ STDERR_TAIL_BYTES = 8192
 _WITHHELD_PREFIXES = ("LASAGNE_ENGINE_TOKEN", "AWS_", "MINIO_")
 
 
+# Pins the process to one core before anything imports numpy or gRPC, whose thread pools would
+# otherwise start on every core: a thread takes the affinity of the thread that created it.
+_PINNED_START = (
+    "import os, runpy, sys; "
+    "os.sched_setaffinity(0, {int(sys.argv[1])}); "
+    "sys.argv = [sys.argv[0], *sys.argv[2:]]; "
+    "runpy.run_module('lasagne_engine.trainer.worker', run_name='__main__', alter_sys=True)"
+)
+
+
 @dataclass
 class LaunchRequest:
     session_id: str
@@ -28,6 +38,8 @@ class LaunchRequest:
     device: str
     backend: str
     working_dir: pathlib.Path
+    # CPU core to pin the process to, for a session on a CPU device.
+    cpu_core: int | None = None
 
 
 def describe_exit(returncode: int) -> str:
@@ -69,6 +81,9 @@ class LocalProcess:
         returncode = self.popen.wait()
         self._on_exit(returncode, read_tail(self.stderr_path))
 
+    def running(self) -> bool:
+        return self.popen.poll() is None
+
     def terminate(self) -> None:
         if self.popen.poll() is None:
             self.popen.terminate()
@@ -101,22 +116,25 @@ class LocalLauncher:
         else:
             environment["CUDA_VISIBLE_DEVICES"] = ""
             environment.setdefault("JAX_PLATFORMS", "cpu")
+        if request.cpu_core is not None:
+            # One thread per session for the math libraries, matching the one core it is pinned to.
+            for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+                environment[variable] = "1"
+            environment["XLA_FLAGS"] = (environment.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
         environment[TOKEN_VARIABLE] = request.token
         environment["PYTHONUNBUFFERED"] = "1"
         return environment
 
+    def command(self, request: LaunchRequest) -> list[str]:
+        arguments = ["--session-id", request.session_id, "--trainer", request.trainer_address]
+        if request.cpu_core is not None and hasattr(os, "sched_setaffinity"):
+            return [self.python_executable, "-c", _PINNED_START, str(request.cpu_core), *arguments]
+        return [self.python_executable, "-m", "lasagne_engine.trainer.worker", *arguments]
+
     def launch(self, request: LaunchRequest, on_exit: Callable[[int, str], None]) -> LocalProcess:
         request.working_dir.mkdir(parents=True, exist_ok=True)
         stderr_path = request.working_dir / "stderr.log"
-        command = [
-            self.python_executable,
-            "-m",
-            "lasagne_engine.trainer.worker",
-            "--session-id",
-            request.session_id,
-            "--trainer",
-            request.trainer_address,
-        ]
+        command = self.command(request)
         with open(stderr_path, "ab") as stderr:
             popen = subprocess.Popen(
                 command,
@@ -127,5 +145,6 @@ class LocalLauncher:
                 stderr=stderr,
                 start_new_session=True,
             )
-        logger.info("Started session %s as process %d on %s", request.session_id, popen.pid, request.device)
+        logger.info("Started session %s as process %d on %s%s", request.session_id, popen.pid, request.device,
+                    f" pinned to core {request.cpu_core}" if request.cpu_core is not None else "")
         return LocalProcess(popen, stderr_path, on_exit)

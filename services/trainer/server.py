@@ -6,7 +6,7 @@ import sys
 
 from lasagne_engine import rpc
 from lasagne_engine.config import StreamLimits
-from lasagne_engine.trainer.devices import discover_devices
+from lasagne_engine.trainer.devices import DeviceInfo, discover_devices
 from lasagne_engine.trainer.launcher import LocalLauncher
 from lasagne_engine.trainer.manager import SessionManager
 from lasagne_engine.trainer.servicer import TrainerServicer
@@ -29,15 +29,19 @@ def add_trainer(
     registry_address: str,
     data_address: str,
     compile_cache: pathlib.Path,
-    devices: list[str] | None = None,
+    devices: list[DeviceInfo] | None = None,
     backend: str | None = None,
     python_executable: str = sys.executable,
+    statistics_every_steps: int | None = None,
 ) -> TrainerServicer:
     """Add the Trainer service to ``server``; session processes attach back to its address.
 
-    ``devices`` defaults to the discovered GPUs or ``cpu:0``; ``backend`` to
-    ``$LASAGNE_ENGINE_BACKEND`` or ``auto``.
+    ``devices`` defaults to the discovered GPUs, or else one CPU device per core; ``backend`` to
+    ``$LASAGNE_ENGINE_BACKEND`` or ``auto``; ``statistics_every_steps`` to
+    ``$LASAGNE_ENGINE_STATISTICS_EVERY_STEPS`` or 50.
     """
+    if statistics_every_steps is None:
+        statistics_every_steps = int(os.environ.get("LASAGNE_ENGINE_STATISTICS_EVERY_STEPS", "50"))
     manager = SessionManager(
         root,
         registry_address=registry_address,
@@ -46,6 +50,7 @@ def add_trainer(
         launcher=LocalLauncher(compile_cache=compile_cache, python_executable=python_executable),
         devices=devices or discover_devices(),
         backend=backend or os.environ.get("LASAGNE_ENGINE_BACKEND", "auto"),
+        statistics_every_steps=statistics_every_steps,
     )
     servicer = TrainerServicer(manager)
     trainer_pb2_grpc.add_TrainerServicer_to_server(servicer, server.grpc_server)

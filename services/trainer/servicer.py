@@ -37,6 +37,30 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
         yield from self.manager.watch(request.id, is_active=context.is_active)
 
     @grpc_errors
+    def PauseSession(self, request, context):
+        return self.manager.pause(request.id, release=request.release)
+
+    @grpc_errors
+    def ResumeSession(self, request, context):
+        return self.manager.resume(request.id)
+
+    @grpc_errors
+    def CheckpointSession(self, request, context):
+        return trainer_pb2.CheckpointSessionResponse(parameter_set_id=self.manager.checkpoint(request.id))
+
+    @grpc_errors
+    def UpdateHyperparameters(self, request, context):
+        return self.manager.update_hyperparameters(request.id, learning_rate=request.learning_rate)
+
+    @grpc_errors
+    def GetDevices(self, request, context):
+        return self.manager.devices_status()
+
+    @grpc_errors
+    def WatchMetrics(self, request, context):
+        yield from self.manager.watch_metrics(list(request.session_ids), is_active=context.is_active)
+
+    @grpc_errors
     def AttachWorker(self, request_iterator, context):
         try:
             first = next(request_iterator)

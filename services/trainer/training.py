@@ -163,6 +163,7 @@ class SessionRun:
         batch_size: int,
         seed: int,
         mode: str | None = None,
+        statistics_every_steps: int = 0,
     ):
         import pytensor
 
@@ -201,7 +202,9 @@ class SessionRun:
         self.learning_rate = pytensor.shared(np.asarray(learning_rate, dtype=FLOAT_DTYPE), name="learning_rate")
         self.optimizer = optimizer
         self.mode = mode
+        self.statistics_every_steps = max(0, statistics_every_steps)
         self.train_step = None
+        self.train_step_with_statistics = None
         self.evaluate_block = None
         self.optimizer_state: list = []
 
@@ -231,6 +234,14 @@ class SessionRun:
         self.train_step = compile_train(
             loss, updates, parameters=model.trainable, inputs=[index], compile_kwargs=compile_kwargs
         )
+        if self.statistics_every_steps:
+            # A second step function with the statistics as extra outputs, so the ordinary step
+            # pays nothing for them. Both share the parameters and optimizer state.
+            statistics = _statistics_graph(loss, updates, model.trainable)
+            self.train_step_with_statistics = compile_train(
+                loss, updates, parameters=model.trainable, inputs=[index], compile_kwargs=compile_kwargs,
+                extra_outputs=statistics,
+            )
 
         start = pt.lscalar("block_start")
         positions = start + pt.arange(EVAL_BATCH_SIZE)
@@ -253,6 +264,8 @@ class SessionRun:
         # Run each function once: the default backend compiles its Numba code on first call.
         saved = self._snapshot()
         self.train_step(0)
+        if self.train_step_with_statistics is not None:
+            self.train_step_with_statistics(0)
         self._restore(saved)
         self.evaluate_block(0)
         return time.perf_counter() - started
@@ -296,14 +309,19 @@ class SessionRun:
         self,
         epoch: int,
         *,
-        should_stop: Callable[[], bool] = lambda: False,
-        on_step: Callable[[StepReport], None] | None = None,
+        start_batch: int = 0,
+        before_step: Callable[[], bool] = lambda: False,
+        on_step: Callable[[StepReport, list[float]], None] | None = None,
+        on_statistics: Callable[[int, list[dict]], None] | None = None,
         report_every_s: float = 0.5,
     ) -> EpochResult | None:
-        """Train one epoch, then validate.
+        """Train one epoch from minibatch ``start_batch``, then validate.
 
-        Returns None when ``should_stop`` became true before the epoch ended; the steps taken so far
-        stay applied.
+        ``before_step`` runs before every step and returns True to end the epoch early, in which
+        case this returns None and the steps taken so far stay applied. ``on_step`` receives a
+        report about every ``report_every_s`` seconds with the durations of the steps since the
+        last one; ``on_statistics`` receives the step and per-parameter statistics every
+        ``statistics_every_steps`` steps.
 
         Raises
         ------
@@ -313,16 +331,32 @@ class SessionRun:
         self.shuffle(epoch)
         started = time.perf_counter()
         last_report = started
+        step_seconds: list[float] = []
         loss_sum = 0.0
-        for batch_index in range(self.steps_per_epoch):
-            if should_stop():
+        steps_run = 0
+        for batch_index in range(start_batch, self.steps_per_epoch):
+            if before_step():
                 return None
-            loss_value = float(self.train_step(batch_index))
+            step_started = time.perf_counter()
+            with_statistics = (
+                self.train_step_with_statistics is not None
+                and on_statistics is not None
+                and (self.step + 1) % self.statistics_every_steps == 0
+            )
+            if with_statistics:
+                loss_value, *statistics = self.train_step_with_statistics(batch_index)
+                loss_value = float(loss_value)
+            else:
+                loss_value = float(self.train_step(batch_index))
+            now = time.perf_counter()
             self.step += 1
+            steps_run += 1
+            step_seconds.append(now - step_started)
             if not math.isfinite(loss_value):
                 raise NonFiniteLoss(f"The training loss became {loss_value} at epoch {epoch}, step {self.step}.")
+            if with_statistics:
+                on_statistics(self.step, self._statistics_rows(statistics))
             loss_sum += loss_value
-            now = time.perf_counter()
             if on_step is not None and (now - last_report >= report_every_s or batch_index == self.steps_per_epoch - 1):
                 elapsed = now - started
                 on_step(
@@ -331,10 +365,12 @@ class SessionRun:
                         step=self.step,
                         step_in_epoch=batch_index + 1,
                         train_loss=loss_value,
-                        examples_per_second=(batch_index + 1) * self.batch_size / elapsed if elapsed > 0 else 0.0,
+                        examples_per_second=steps_run * self.batch_size / elapsed if elapsed > 0 else 0.0,
                         learning_rate=float(self.learning_rate.get_value()),
-                    )
+                    ),
+                    step_seconds,
                 )
+                step_seconds = []
                 last_report = now
         train_seconds = time.perf_counter() - started
         val_loss, metrics = self.validate()
@@ -343,12 +379,27 @@ class SessionRun:
         return EpochResult(
             epoch=epoch,
             step=self.step,
-            train_loss=loss_sum / self.steps_per_epoch,
+            train_loss=loss_sum / max(steps_run, 1),
             val_loss=val_loss,
             metrics=metrics,
             epoch_seconds=time.perf_counter() - started,
-            examples_per_second=self.steps_per_epoch * self.batch_size / train_seconds if train_seconds > 0 else 0.0,
+            examples_per_second=steps_run * self.batch_size / train_seconds if train_seconds > 0 else 0.0,
         )
+
+    def _statistics_rows(self, values: list) -> list[dict]:
+        rows = []
+        for position, variable in enumerate(self.model.trainable):
+            l2_norm, mean, std, gradient_norm, update_norm = (float(v) for v in values[5 * position : 5 * position + 5])
+            rows.append({
+                "name": array_name(variable.name),
+                "layer": getattr(variable, "layer_name", None) or variable.name.rsplit("_", 1)[0],
+                "l2_norm": l2_norm,
+                "mean": mean,
+                "std": std,
+                "gradient_l2_norm": gradient_norm,
+                "update_ratio": update_norm / l2_norm if l2_norm > 0 else 0.0,
+            })
+        return rows
 
     def parameter_arrays(self) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         """Return every trainable, state and optimizer array by name, and the role of each."""
@@ -391,6 +442,27 @@ class SessionRun:
                 )
             variable.set_value(np.asarray(value, dtype=np.asarray(current).dtype))
         return missing
+
+
+def _statistics_graph(loss, updates, parameters) -> list:
+    """Build, for each parameter, its L2 norm, mean, std, gradient L2 norm and update L2 norm.
+
+    Every value is taken before the step applies its updates, which is what the update-to-parameter
+    ratio compares.
+    """
+    import pytensor.tensor as pt
+
+    gradients = pt.grad(loss, parameters)
+    outputs = []
+    for parameter, gradient in zip(parameters, gradients):
+        outputs += [
+            pt.sqrt(pt.sum(pt.sqr(parameter))),
+            pt.mean(parameter),
+            pt.std(parameter),
+            pt.sqrt(pt.sum(pt.sqr(gradient))),
+            pt.sqrt(pt.sum(pt.sqr(updates[parameter] - parameter))),
+        ]
+    return outputs
 
 
 def array_name(variable_name: str) -> str:
