@@ -1,6 +1,8 @@
 import contextlib
 import dataclasses
 import logging
+import os
+import pathlib
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -20,9 +22,11 @@ from lasagne_engine.client.errors import (
     NotFoundError,
     from_rpc_error,
 )
+from lasagne_engine.client.retries import RetryingInterceptor, RetryPolicy
 from lasagne_engine.config import Addresses, StreamLimits
 from lasagne_engine.errors import InvalidArgument
 from lasagne_engine.names import validate_name
+from lasagne_engine.security import ClientSecurity
 from lasagne_engine.v1 import (
     arrays_pb2,
     data_service_pb2,
@@ -53,8 +57,6 @@ _REGISTER_MODEL_MIN_TIMEOUT_S = 300.0
 # A health check costs the server almost no work, so a short deadline keeps health() quick when
 # a service accepts connections but hangs.
 _HEALTH_TIMEOUT_S = 5.0
-# Pauses before the resumptions of a download. The length of the tuple is the number of resumptions.
-_RETRY_BACKOFF_S = (0.5, 1.0, 2.0)
 # Pause before watching a session again after its stream ended without a final state.
 _REWATCH_PAUSE_S = 1.0
 
@@ -106,6 +108,23 @@ class Engine:
     limits : StreamLimits, optional
         Chunk size of bulk streams and message size limit of the channels. Default:
         ``StreamLimits.from_env()``.
+    token : str, optional
+        Bearer token sent with every call; ``""`` sends none. Default: ``$LASAGNE_ENGINE_TOKEN``,
+        else ``token`` in the ``[client]`` section of the config file, else none.
+    tls_ca : str or os.PathLike, optional
+        PEM file of the CA that signed the services' certificates; giving one turns TLS on.
+        Default: ``$LASAGNE_ENGINE_TLS_CA``, else ``tls_ca`` in the config file, else plaintext.
+    tls_cert, tls_key : str or os.PathLike, optional
+        PEM files of a client certificate and its key, for services that require one. Default:
+        ``$LASAGNE_ENGINE_TLS_CERT`` and ``$LASAGNE_ENGINE_TLS_KEY``, else the config file, else none.
+    config_path : str or os.PathLike, optional
+        TOML config file of the defaults above. Default: ``$LASAGNE_ENGINE_CONFIG``, else
+        ``config.toml`` in ``$LASAGNE_ENGINE_HOME`` or ``~/.lasagne-engine``; a missing file is empty.
+    max_retries : int
+        Retries of a call that fails with UNAVAILABLE, for calls that are safe to repeat: the
+        List, Get, Describe, Download, Load and Watch calls and tag_parameter_set. The waits
+        double from about 0.25 s to at most 4 s, within the call's ``timeout_s``. Uploads,
+        saves, registrations and deletions are not retried. Default 5.
 
     Attributes
     ----------
@@ -115,12 +134,18 @@ class Engine:
         Deadline of each call in seconds.
     limits : StreamLimits
         Chunk and message sizes in use.
+    security : ClientSecurity
+        The token and TLS files in use.
+    retry_policy : RetryPolicy
+        Retries of idempotent calls.
 
     Raises
     ------
     ValueError
-        If ``timeout_s`` is not positive, or ``limits.chunk_bytes`` is not positive and at least
-        1 KiB below ``limits.max_message_bytes``.
+        If ``timeout_s`` is not positive, ``limits.chunk_bytes`` is not positive and at least
+        1 KiB below ``limits.max_message_bytes``, ``max_retries`` is negative, or the token or
+        TLS settings are invalid (a token under 16 characters, a missing file, a certificate
+        without its key).
     """
 
     def __init__(
@@ -131,6 +156,12 @@ class Engine:
         trainer_address: str | None = None,
         timeout_s: float = 60.0,
         limits: StreamLimits | None = None,
+        token: str | None = None,
+        tls_ca: str | os.PathLike | None = None,
+        tls_cert: str | os.PathLike | None = None,
+        tls_key: str | os.PathLike | None = None,
+        config_path: str | os.PathLike | None = None,
+        max_retries: int = 5,
     ):
         if timeout_s <= 0:
             raise ValueError(f"timeout_s={timeout_s!r} must be a positive number of seconds.")
@@ -149,6 +180,10 @@ class Engine:
         self.addresses = Addresses(registry=registry_address, data=data_address, trainer=trainer_address)
         self.timeout_s = timeout_s
         self.limits = limits
+        self.security = _client_security(
+            token=token, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, config_path=config_path
+        )
+        self.retry_policy = RetryPolicy(max_retries)
 
         self._lock = threading.Lock()
         self._channels: dict[str, grpc.Channel] = {}
@@ -198,7 +233,7 @@ class Engine:
         addresses = dataclasses.asdict(self.addresses)
         timeout_s = min(self.timeout_s, _HEALTH_TIMEOUT_S)
         return {
-            key: rpc.is_serving(address, timeout_s=timeout_s, service=_SERVICE_NAMES[key])
+            key: rpc.is_serving(address, timeout_s=timeout_s, service=_SERVICE_NAMES[key], security=self.security)
             for key, address in addresses.items()
         }
 
@@ -303,9 +338,9 @@ class Engine:
     def download_array(self, ref: str, array: str, *, out: np.ndarray | None = None) -> np.ndarray:
         """Download one array of a dataset version into a single preallocated numpy array.
 
-        If the stream fails with UNAVAILABLE midway, the download resumes from the bytes already
-        received, up to 3 times, after pauses of 0.5, 1 and 2 s. Each resumption is logged as a
-        warning. Once every byte has arrived, the client checks the array's sha256 against the
+        If the stream fails with UNAVAILABLE, the download resumes from the bytes already received,
+        as often as ``max_retries`` allows, after the same growing pauses as other retried calls.
+        Each resumption is logged as a warning. Once every byte has arrived, the client checks the array's sha256 against the
         header's.
 
         Parameters
@@ -344,6 +379,7 @@ class Engine:
         stub = self._stub("data")
         download = _ArrayDownload(source=f"dataset {ref!r}", out=out)
 
+        backoffs_s = self.retry_policy.backoffs_s()
         retries = 0
         while True:
             request = data_service_pb2.DownloadArrayRequest(
@@ -354,9 +390,9 @@ class Engine:
                 download.consume(call)
                 break
             except grpc.RpcError as error:
-                if error.code() != grpc.StatusCode.UNAVAILABLE or retries == len(_RETRY_BACKOFF_S):
+                delay_s = next(backoffs_s, None)
+                if error.code() != grpc.StatusCode.UNAVAILABLE or delay_s is None:
                     raise from_rpc_error(error) from error
-                delay_s = _RETRY_BACKOFF_S[retries]
                 retries += 1
                 logger.warning(
                     "Download of array %r of dataset %r failed after %d bytes (%s); resuming in %.1f s, "
@@ -367,7 +403,7 @@ class Engine:
                     error.details(),
                     delay_s,
                     retries,
-                    len(_RETRY_BACKOFF_S),
+                    self.retry_policy.max_retries,
                 )
             finally:
                 call.cancel()
@@ -661,8 +697,10 @@ class Engine:
     def load_parameter_set(self, parameter_set_id: str, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Download the arrays of a parameter set, each into one preallocated numpy array.
 
-        Each array's sha256 is checked against its header once its bytes have arrived. An
-        interrupted stream is not resumed, because the registry's load call has no start offset.
+        Each array's sha256 is checked against its header once its bytes have arrived. A stream
+        that fails with UNAVAILABLE starts again from the first array, as often as ``max_retries``
+        allows, because the registry's load call has no start offset. Parameter sets never
+        change, so a restarted stream sends the same bytes.
 
         Parameters
         ----------
@@ -693,13 +731,29 @@ class Engine:
             id=parameter_set_id, names=list(names or ()), chunk_bytes=self.limits.chunk_bytes
         )
         source = f"parameter set {parameter_set_id!r}"
-        call = self._stub("registry").LoadParameterSet(request, timeout=self.timeout_s)
-        try:
-            arrays = _receive_arrays(call, source=source)
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from error
-        finally:
-            call.cancel()
+        backoffs_s = self.retry_policy.backoffs_s()
+        retries = 0
+        while True:
+            call = self._stub("registry").LoadParameterSet(request, timeout=self.timeout_s)
+            try:
+                arrays = _receive_arrays(call, source=source)
+                break
+            except grpc.RpcError as error:
+                delay_s = next(backoffs_s, None)
+                if error.code() != grpc.StatusCode.UNAVAILABLE or delay_s is None:
+                    raise from_rpc_error(error) from error
+                retries += 1
+                logger.warning(
+                    "Load of %s failed (%s); starting it again in %.1f s, retry %d of %d",
+                    source,
+                    error.details(),
+                    delay_s,
+                    retries,
+                    self.retry_policy.max_retries,
+                )
+            finally:
+                call.cancel()
+            time.sleep(delay_s)
 
         missing = [name for name in names or () if name not in arrays]
         if missing:
@@ -795,8 +849,16 @@ class Engine:
         train_targets: str = "",
         val_inputs: str = "",
         val_targets: str = "",
+        device: str = "",
+        resume_from: str = "",
+        early_stopping_patience: int = 0,
+        keep_best: int = 0,
+        keep_latest: int = 0,
+        statistics_every_steps: int = 0,
     ) -> trainer_pb2.Session:
         """Start a training session of a model on a dataset.
+
+        The session waits in state QUEUED until a device is free, then runs in a process of its own.
 
         Parameters
         ----------
@@ -826,11 +888,24 @@ class Engine:
         train_inputs, train_targets, val_inputs, val_targets : str
             Names of the dataset arrays to train and validate on. Default: empty, which means
             ``X_train``, ``y_train``, ``X_val`` and ``y_val``.
+        device : str
+            Device to run on, such as ``"gpu:1"``; empty takes the first free device. Default empty.
+        resume_from : str
+            Id of a parameter set to continue from: its arrays and optimizer state are loaded and
+            the step and epoch numbering continues from it, up to ``epochs`` in total. Default empty.
+        early_stopping_patience : int
+            Stop after this many epochs without an improvement of ``monitor``; 0 (the default) never stops early.
+        keep_best, keep_latest : int
+            Keep the best ``keep_best`` and the latest ``keep_latest`` parameter sets of the session
+            and delete the rest; 0 for both (the default) keeps every set.
+        statistics_every_steps : int
+            Per-parameter statistics every N steps; 0 (the default) takes the trainer's cadence and a
+            negative value turns them off.
 
         Returns
         -------
         lasagne_engine.v1.trainer_pb2.Session
-            The new session, usually in state PENDING or QUEUED.
+            The new session, usually in state QUEUED or PENDING.
 
         Raises
         ------
@@ -839,7 +914,8 @@ class Engine:
         NotFoundError
             If the model, dataset, an array or the initial parameter set does not exist.
         ResourceExhaustedError
-            If the trainer runs as many sessions as it allows.
+            If the session's estimated memory fits no device's budget; the message gives the
+            bytes needed and the largest budget.
         UnavailableError
             If the trainer cannot be reached.
         EngineError
@@ -852,6 +928,10 @@ class Engine:
             epochs=epochs,
             seed=seed,
             monitor=monitor,
+            early_stopping_patience=early_stopping_patience,
+            keep_best=keep_best,
+            keep_latest=keep_latest,
+            statistics_every_steps=statistics_every_steps,
         )
         if model_hyperparameters is not None:
             hyperparameters.model.CopyFrom(_to_struct(model_hyperparameters, "model_hyperparameters"))
@@ -865,8 +945,80 @@ class Engine:
             val_targets=val_targets,
             init_parameter_set=init_parameter_set,
             description=description,
+            device=device,
+            resume_from=resume_from,
         )
         return self._call(self._stub("trainer").StartSession, request)
+
+    def pause_session(self, session_id: str, *, release: bool = False) -> trainer_pb2.Session:
+        """Pause a running session before its next step.
+
+        Parameters
+        ----------
+        session_id : str
+            The session.
+        release : bool
+            Also checkpoint and free the device for the next queued session; the session becomes
+            SUSPENDED instead of PAUSED. Default False.
+
+        Raises
+        ------
+        NotFoundError
+            If there is no such session.
+        FailedPreconditionError
+            If the session is not running.
+        """
+        request = trainer_pb2.PauseSessionRequest(id=session_id, release=release)
+        return self._call(self._stub("trainer").PauseSession, request)
+
+    def resume_session(self, session_id: str) -> trainer_pb2.Session:
+        """Resume a paused session, or requeue a suspended or interrupted one from its last parameter set.
+
+        Raises
+        ------
+        NotFoundError
+            If there is no such session.
+        FailedPreconditionError
+            If the session is neither paused, suspended nor interrupted.
+        """
+        return self._call(self._stub("trainer").ResumeSession, trainer_pb2.ResumeSessionRequest(id=session_id))
+
+    def checkpoint_session(self, session_id: str) -> str:
+        """Have a running or paused session save a parameter set now; return the set's id.
+
+        Raises
+        ------
+        NotFoundError
+            If there is no such session.
+        FailedPreconditionError
+            If the session is not running or paused.
+        """
+        reply = self._call(
+            self._stub("trainer").CheckpointSession, trainer_pb2.CheckpointSessionRequest(id=session_id),
+            timeout_s=max(self.timeout_s, 150.0),
+        )
+        return reply.parameter_set_id
+
+    def update_hyperparameters(self, session_id: str, *, learning_rate: float) -> trainer_pb2.Session:
+        """Change a live session's learning rate, applied at its next step without recompiling.
+
+        The change is recorded in the session's ``history``.
+
+        Raises
+        ------
+        InvalidArgumentError
+            If the learning rate is not a positive finite number.
+        FailedPreconditionError
+            If the session has finished.
+        """
+        request = trainer_pb2.UpdateHyperparametersRequest(id=session_id, learning_rate=learning_rate)
+        return self._call(
+            self._stub("trainer").UpdateHyperparameters, request, timeout_s=max(self.timeout_s, 150.0)
+        )
+
+    def get_devices(self) -> trainer_pb2.GetDevicesResponse:
+        """List the trainer's devices with memory budgets, memory in use and sessions, and the queue."""
+        return self._call(self._stub("trainer").GetDevices, trainer_pb2.GetDevicesRequest())
 
     def list_sessions(self, states: Sequence[int] = ()) -> list[trainer_pb2.Session]:
         """List training sessions, optionally only those in the given states.
@@ -956,6 +1108,38 @@ class Engine:
         """
         return _watch(self._stub("trainer"), session_id, timeout_s=None)
 
+    def watch_metrics(self, session_ids: Sequence[str] = ()) -> Iterator[trainer_pb2.MetricPoint]:
+        """Stream metric points of sessions as their processes report them.
+
+        Each point is one value, such as ``train_loss``, ``val_loss``, ``val_accuracy``,
+        ``examples_per_second`` or ``learning_rate``, with the session, epoch, step and time it
+        belongs to. The stream has no deadline. Closing the iterator cancels the call, so wrap it
+        in ``contextlib.closing`` when a loop may stop early. The call starts at the first
+        ``next()``.
+
+        Parameters
+        ----------
+        session_ids : sequence of str
+            Sessions to follow. Default: empty, which follows every live session.
+
+        Returns
+        -------
+        iterator of lasagne_engine.v1.trainer_pb2.MetricPoint
+
+        Raises
+        ------
+        NotFoundError
+            While iterating, if one of the sessions does not exist.
+        UnavailableError
+            While iterating, if the trainer cannot be reached or shuts down.
+        EngineError
+            While iterating, for any other failure of the call.
+        RuntimeError
+            If the engine is closed.
+        """
+        request = trainer_pb2.WatchMetricsRequest(session_ids=list(session_ids))
+        return _stream(self._stub("trainer").WatchMetrics, request)
+
     def wait_session(self, session_id: str, *, timeout_s: float | None = None) -> trainer_pb2.Session:
         """Wait until a session reaches a final state and return it.
 
@@ -1026,9 +1210,10 @@ class Engine:
             stub = self._stubs.get(service)
             if stub is None:
                 address = getattr(self.addresses, service)
-                channel = rpc.insecure_channel(address, self.limits)
+                channel = rpc.client_channel(address, self.limits, security=self.security)
                 self._channels[service] = channel
-                stub = self._stubs[service] = _STUB_CLASSES[service](channel)
+                retrying = grpc.intercept_channel(channel, RetryingInterceptor(self.retry_policy))
+                stub = self._stubs[service] = _STUB_CLASSES[service](retrying)
         return stub
 
     def _call(self, method: Callable[..., Any], request: Any, *, timeout_s: float | None = None) -> Any:
@@ -1046,6 +1231,28 @@ class Engine:
             if frames.error is not None:
                 raise frames.error from None
             raise from_rpc_error(error) from error
+
+
+def _client_security(
+    *,
+    token: str | None,
+    tls_ca: str | os.PathLike | None,
+    tls_cert: str | os.PathLike | None,
+    tls_key: str | os.PathLike | None,
+    config_path: str | os.PathLike | None,
+) -> ClientSecurity:
+    """Combine the arguments given to Engine with the defaults from the environment and config file."""
+    defaults = ClientSecurity.from_env(pathlib.Path(config_path) if config_path is not None else None)
+    if tls_cert is not None or tls_key is not None:
+        client_pair = (tls_cert, tls_key)
+    else:
+        client_pair = (defaults.tls_cert, defaults.tls_key)
+    return ClientSecurity(
+        token=token if token is not None else defaults.token,
+        tls_ca=pathlib.Path(tls_ca) if tls_ca is not None else defaults.tls_ca,
+        tls_cert=pathlib.Path(client_pair[0]) if client_pair[0] is not None else None,
+        tls_key=pathlib.Path(client_pair[1]) if client_pair[1] is not None else None,
+    )
 
 
 def _prepare_arrays(
@@ -1228,6 +1435,17 @@ def _finish_buffer(buffer: ArrayBuffer, header: arrays_pb2.ArrayHeader, *, sourc
 
 def _watch(stub: Any, session_id: str, *, timeout_s: float | None) -> Iterator[trainer_pb2.SessionEvent]:
     call = stub.WatchSession(trainer_pb2.WatchSessionRequest(id=session_id), timeout=timeout_s)
+    try:
+        yield from call
+    except grpc.RpcError as error:
+        raise from_rpc_error(error) from error
+    finally:
+        call.cancel()
+
+
+def _stream(method: Callable[..., Any], request: Any) -> Iterator[Any]:
+    """Yield the responses of a server-streaming call that has no deadline, and cancel the call when closed."""
+    call = method(request, timeout=None)
     try:
         yield from call
     except grpc.RpcError as error:
