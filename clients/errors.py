@@ -8,6 +8,8 @@
     ├── AlreadyExistsError       ALREADY_EXISTS
     ├── FailedPreconditionError  FAILED_PRECONDITION
     ├── ResourceExhaustedError   RESOURCE_EXHAUSTED
+    ├── UnauthenticatedError     UNAUTHENTICATED
+    ├── PermissionDeniedError    PERMISSION_DENIED
     ├── UnavailableError         UNAVAILABLE
     ├── DataLossError            DATA_LOSS
     ├── DeadlineExceededError    DEADLINE_EXCEEDED
@@ -30,7 +32,9 @@ __all__ = [
     "IntegrityError",
     "InvalidArgumentError",
     "NotFoundError",
+    "PermissionDeniedError",
     "ResourceExhaustedError",
+    "UnauthenticatedError",
     "UnavailableError",
     "from_rpc_error",
 ]
@@ -96,6 +100,18 @@ class ResourceExhaustedError(EngineError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class UnauthenticatedError(EngineError):
+    """A call without a token, or with one the service does not accept. Check LASAGNE_ENGINE_TOKEN."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDeniedError(EngineError):
+    """A call that the token may not make, for example a write with a read-only token."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class UnavailableError(EngineError):
     """A service that cannot be reached or is shutting down. Retrying the call may succeed."""
 
@@ -150,6 +166,8 @@ _ERROR_CLASSES: dict[grpc.StatusCode, type[EngineError]] = {
         AlreadyExistsError,
         FailedPreconditionError,
         ResourceExhaustedError,
+        UnauthenticatedError,
+        PermissionDeniedError,
         UnavailableError,
         DataLossError,
         DeadlineExceededError,

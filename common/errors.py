@@ -9,6 +9,7 @@
     ├── FailedPrecondition   FAILED_PRECONDITION
     ├── ResourceExhausted    RESOURCE_EXHAUSTED
     ├── PermissionDenied     PERMISSION_DENIED
+    ├── Unauthenticated      UNAUTHENTICATED
     ├── Unavailable          UNAVAILABLE
     └── IntegrityError       DATA_LOSS
 
@@ -53,6 +54,10 @@ class ResourceExhausted(EngineError):
 
 class PermissionDenied(EngineError):
     code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class Unauthenticated(EngineError):
+    code = grpc.StatusCode.UNAUTHENTICATED
 
 
 class Unavailable(EngineError):

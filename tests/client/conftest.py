@@ -6,7 +6,7 @@ import grpc
 import pytest
 
 from lasagne_engine.client import Engine
-from lasagne_engine.client import engine as engine_module
+from lasagne_engine.client.retries import RetryPolicy
 from lasagne_engine.config import StreamLimits
 
 # Small enough that every test array spans several chunks.
@@ -59,5 +59,5 @@ def connect():
 
 @pytest.fixture(autouse=True)
 def no_retry_backoff(monkeypatch):
-    """Resume downloads at once, keeping the number of retries."""
-    monkeypatch.setattr(engine_module, "_RETRY_BACKOFF_S", (0.0,) * len(engine_module._RETRY_BACKOFF_S))
+    """Retry calls and resume downloads at once, keeping the number of retries."""
+    monkeypatch.setattr(RetryPolicy, "backoffs_s", lambda policy: iter([0.0] * policy.max_retries))

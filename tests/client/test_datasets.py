@@ -167,7 +167,7 @@ def test_download_resumes_after_unavailable(start_data_service, caplog):
     assert all(request.chunk_bytes == CHUNK_BYTES for request in service.download_requests)
     assert len(caplog.records) == 1
     assert "after 640 bytes" in caplog.records[0].getMessage()
-    assert "retry 1 of 3" in caplog.records[0].getMessage()
+    assert "retry 1 of 5" in caplog.records[0].getMessage()
 
 
 def test_download_writes_into_out(start_data_service):
@@ -188,7 +188,7 @@ def test_download_rejects_mismatched_out(start_data_service):
         engine.download_array("digits@2", "X", out=np.zeros((4, 4), dtype=np.float64))
 
 
-def test_download_gives_up_after_three_retries(start_data_service):
+def test_download_gives_up_after_five_retries(start_data_service):
     X = np.arange(100, dtype=np.float64)
     service = FakeDataService({"X": X}, fail_after_chunks=1, failures=10)
     engine = start_data_service(service)
@@ -198,7 +198,7 @@ def test_download_gives_up_after_three_retries(start_data_service):
 
     assert raised.value.code == grpc.StatusCode.UNAVAILABLE
     offsets = [request.start_offset for request in service.download_requests]
-    assert offsets == [0, CHUNK_BYTES, 2 * CHUNK_BYTES, 3 * CHUNK_BYTES]
+    assert offsets == [retry * CHUNK_BYTES for retry in range(6)]
 
 
 def test_download_wrong_sha256_raises_integrity_error(start_data_service):
