@@ -16,6 +16,9 @@ COMPILE_CACHE = pathlib.Path(os.environ.get("LASAGNE_ENGINE_COMPILE_CACHE", REPO
 # PyTensor reads its flags once, at import, so they are set before any test imports it.
 os.environ.update(compute_environment(COMPILE_CACHE, backend="default"))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Many trainers run at once in the suite and in the processes it starts, so none serves metrics on
+# the fixed default port; the tests that check metrics pass a port of their own.
+os.environ["LASAGNE_ENGINE_METRICS_PORT"] = "0"
 
 
 def free_port() -> int:

@@ -9,10 +9,13 @@ from lasagne_engine.config import StreamLimits
 from lasagne_engine.trainer.devices import DeviceInfo, discover_devices
 from lasagne_engine.trainer.launcher import LocalLauncher
 from lasagne_engine.trainer.manager import SessionManager
+from lasagne_engine.trainer.metrics import DEFAULT_RETENTION_S, TrainerMetrics
 from lasagne_engine.trainer.servicer import TrainerServicer
 from lasagne_engine.v1 import trainer_pb2_grpc
 
 SERVICE_NAME = "lasagne_engine.v1.Trainer"
+# Port of the trainer's /metrics endpoint unless LASAGNE_ENGINE_METRICS_PORT sets another. Port 0 turns it off.
+DEFAULT_METRICS_PORT = 9464
 
 
 def _reachable(address: str) -> str:
@@ -20,6 +23,39 @@ def _reachable(address: str) -> str:
     if host in ("0.0.0.0", "[::]", ""):
         return f"127.0.0.1:{port}"
     return address
+
+
+def start_metrics(
+    trainer_address: str, *, port: int | None = None, retention_s: float | None = None
+) -> TrainerMetrics | None:
+    """Create the trainer's Prometheus exporter and serve ``/metrics`` on the trainer's host.
+
+    ``port`` defaults to ``$LASAGNE_ENGINE_METRICS_PORT`` or 9464, and 0 turns metrics off (the
+    function then returns None). ``retention_s``, the seconds a finished session's series stay,
+    defaults to ``$LASAGNE_ENGINE_METRICS_RETENTION_S`` or 300.
+
+    Raises
+    ------
+    OSError
+        If the port cannot be bound, with the settings that change it.
+    """
+    if port is None:
+        port = int(os.environ.get("LASAGNE_ENGINE_METRICS_PORT") or DEFAULT_METRICS_PORT)
+    if port == 0:
+        return None
+    if retention_s is None:
+        retention_s = float(os.environ.get("LASAGNE_ENGINE_METRICS_RETENTION_S") or DEFAULT_RETENTION_S)
+    host = trainer_address.rpartition(":")[0].strip("[]") or "127.0.0.1"
+
+    metrics = TrainerMetrics(retention_s=retention_s)
+    try:
+        metrics.start_http_server(port, host)
+    except OSError as error:
+        raise OSError(
+            f"Could not serve trainer metrics on {host}:{port} ({error}); set LASAGNE_ENGINE_METRICS_PORT "
+            "to a free port, or to 0 to turn the metrics endpoint off."
+        ) from error
+    return metrics
 
 
 def add_trainer(
@@ -33,25 +69,34 @@ def add_trainer(
     backend: str | None = None,
     python_executable: str = sys.executable,
     statistics_every_steps: int | None = None,
+    metrics_port: int | None = None,
 ) -> TrainerServicer:
     """Add the Trainer service to ``server``; session processes attach back to its address.
 
     ``devices`` defaults to the discovered GPUs, or else one CPU device per core; ``backend`` to
     ``$LASAGNE_ENGINE_BACKEND`` or ``auto``; ``statistics_every_steps`` to
-    ``$LASAGNE_ENGINE_STATISTICS_EVERY_STEPS`` or 50.
+    ``$LASAGNE_ENGINE_STATISTICS_EVERY_STEPS`` or 50. Prometheus metrics are served on the
+    server's host at ``metrics_port``, as :func:`start_metrics` describes.
     """
     if statistics_every_steps is None:
         statistics_every_steps = int(os.environ.get("LASAGNE_ENGINE_STATISTICS_EVERY_STEPS", "50"))
-    manager = SessionManager(
-        root,
-        registry_address=registry_address,
-        data_address=data_address,
-        trainer_address=_reachable(server.address),
-        launcher=LocalLauncher(compile_cache=compile_cache, python_executable=python_executable),
-        devices=devices or discover_devices(),
-        backend=backend or os.environ.get("LASAGNE_ENGINE_BACKEND", "auto"),
-        statistics_every_steps=statistics_every_steps,
-    )
+    metrics = start_metrics(server.address, port=metrics_port)
+    try:
+        manager = SessionManager(
+            root,
+            registry_address=registry_address,
+            data_address=data_address,
+            trainer_address=_reachable(server.address),
+            launcher=LocalLauncher(compile_cache=compile_cache, python_executable=python_executable),
+            devices=devices or discover_devices(),
+            backend=backend or os.environ.get("LASAGNE_ENGINE_BACKEND", "auto"),
+            statistics_every_steps=statistics_every_steps,
+            metrics=metrics,
+        )
+    except BaseException:
+        if metrics is not None:
+            metrics.close()
+        raise
     servicer = TrainerServicer(manager)
     trainer_pb2_grpc.add_TrainerServicer_to_server(servicer, server.grpc_server)
     server.add_service_name(SERVICE_NAME)

@@ -1,5 +1,6 @@
 """TrainerMetrics fed with reports by hand, each test on its own registry, and over real HTTP."""
 
+import socket
 import urllib.request
 
 import pytest
@@ -7,7 +8,9 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from lasagne_engine.trainer.metrics import STATE_NAMES, STEP_DURATION_BUCKETS_S, TrainerMetrics
+from lasagne_engine.trainer.server import start_metrics
 from lasagne_engine.v1 import trainer_pb2
+from tests.conftest import free_port
 
 LABELS = {"session": "s-1", "model": "mlp", "device": "cpu:0"}
 
@@ -344,3 +347,32 @@ class TestHttpEndpoint:
                 metrics.start_http_server(0)
         finally:
             metrics.close()
+
+
+class TestStartMetrics:
+    def test_port_zero_disables(self):
+        assert start_metrics("127.0.0.1:50153", port=0) is None
+
+    def test_environment_sets_port(self, monkeypatch):
+        port = free_port()
+        monkeypatch.setenv("LASAGNE_ENGINE_METRICS_PORT", str(port))
+        monkeypatch.setenv("LASAGNE_ENGINE_METRICS_RETENTION_S", "12.5")
+
+        metrics = start_metrics("127.0.0.1:50153")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+                text = response.read().decode()
+        finally:
+            metrics.close()
+
+        assert "lasagne_engine_trainer_live_sessions 0.0" in text
+        assert metrics.retention_s == 12.5
+
+    def test_busy_port_rejected(self):
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+
+            with pytest.raises(OSError, match=f"Could not serve trainer metrics on 127.0.0.1:{port} .*set LASAGNE_ENGINE_METRICS_PORT"):
+                start_metrics("127.0.0.1:50153", port=port)
