@@ -3,6 +3,7 @@
 import argparse
 import json
 import logging
+import os
 import pathlib
 import sys
 from collections.abc import Sequence
@@ -20,11 +21,22 @@ def _paths(arguments) -> Paths:
     return Paths(pathlib.Path(arguments.home).expanduser().resolve()) if arguments.home else Paths()
 
 
+def _config_path(arguments) -> pathlib.Path:
+    from lasagne_engine.security import config_path
+
+    return config_path(_paths(arguments).home)
+
+
 def _engine(arguments):
     from lasagne_engine.client import Engine
 
     addresses = Addresses.from_env()
-    return Engine(registry_address=addresses.registry, data_address=addresses.data, trainer_address=addresses.trainer)
+    return Engine(
+        registry_address=addresses.registry,
+        data_address=addresses.data,
+        trainer_address=addresses.trainer,
+        config_path=_config_path(arguments),
+    )
 
 
 def _when(timestamp) -> str:
@@ -65,15 +77,23 @@ def command_serve(arguments) -> int:
 
     rpc.configure_logging()
     roles = list(ROLES) if arguments.role == "all" else [arguments.role]
-    serve(roles, paths=_paths(arguments), addresses=Addresses.from_env())
+    paths = _paths(arguments)
+    # The trainer's own client and its session processes find the config file through the home.
+    os.environ["LASAGNE_ENGINE_HOME"] = str(paths.home)
+    serve(roles, paths=paths, addresses=Addresses.from_env())
     return 0
 
 
 def command_up(arguments) -> int:
-    from lasagne_engine.stack.daemon import up
+    from lasagne_engine.stack.daemon import set_up_development_security, up
 
     paths = _paths(arguments)
     addresses = Addresses.from_env()
+    if arguments.tls:
+        path = set_up_development_security(paths, require_client_certificates=arguments.client_certificates)
+        print(f"TLS certificates in {paths.home / 'tls'}; tokens and settings in {path} (keep it private)")
+    elif arguments.client_certificates:
+        raise SystemExit("--client-certificates needs --tls: run 'lasagne-engine up --tls --client-certificates'.")
     pid, started = up(paths, addresses)
     if started:
         print(f"LasagneEngine started (process {pid}), data in {paths.home}")
@@ -93,7 +113,9 @@ def command_down(arguments) -> int:
 def command_status(arguments) -> int:
     from lasagne_engine.stack.daemon import running_pid, service_status
 
-    statuses = service_status(Addresses.from_env())
+    from lasagne_engine.security import ClientSecurity
+
+    statuses = service_status(Addresses.from_env(), ClientSecurity.from_env(_config_path(arguments)))
     pid = running_pid(_paths(arguments))
     _table([[s.role, s.address, "serving" if s.serving else "not answering"] for s in statuses], ["service", "address", "status"])
     if pid:
@@ -446,7 +468,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = add("serve", command_serve, "run services in the foreground, as a container would")
     serve.add_argument("role", choices=["all", "registry", "data", "trainer"])
-    add("up", command_up, "start all services in the background on 127.0.0.1")
+    up = add("up", command_up, "start all services in the background on 127.0.0.1")
+    up.add_argument(
+        "--tls",
+        action="store_true",
+        help="first create a local CA, certificates and tokens for development under the data folder and "
+        "record them in its config.toml, so the services require TLS and a token; existing ones are kept",
+    )
+    up.add_argument(
+        "--client-certificates",
+        action="store_true",
+        help="with --tls, also require a client certificate signed by the local CA",
+    )
     add("down", command_down, "stop the services started by 'up'")
     add("status", command_status, "show whether each service answers")
     demo = add("demo", command_demo, "train a perceptron on the digits through all services, then evaluate it")

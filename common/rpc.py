@@ -3,6 +3,7 @@
 import ipaddress
 import logging
 import os
+import threading
 from collections.abc import Iterable
 from concurrent import futures
 
@@ -140,15 +141,19 @@ class Server:
         )
         return self
 
-    def stop(self, grace_s: float | None = 5.0) -> None:
-        """Stop accepting calls and wait up to ``grace_s`` seconds for calls in flight, then cancel them.
+    def begin_stop(self, grace_s: float | None = 5.0) -> threading.Event:
+        """Stop accepting calls, give calls in flight ``grace_s`` seconds, then cancel them.
 
-        The health service reports NOT_SERVING from the start of the grace period, and new calls
-        fail with UNAVAILABLE.
+        The health service reports NOT_SERVING from the start, and new calls fail with
+        UNAVAILABLE. Returns an event that is set once every call has ended.
         """
         self.health.enter_graceful_shutdown()
         logger.info("Stopping the server on %s; calls in flight have %s s to finish", self.address, grace_s)
-        self.grpc_server.stop(grace_s).wait()
+        return self.grpc_server.stop(grace_s)
+
+    def stop(self, grace_s: float | None = 5.0) -> None:
+        """Stop as :meth:`begin_stop` does and wait until every call has ended."""
+        self.begin_stop(grace_s).wait()
         logger.info("Stopped the server on %s", self.address)
 
     def wait(self) -> None:
@@ -295,9 +300,12 @@ def is_serving(
 def configure_logging(level: str | None = None, *, extra_handlers: Iterable[logging.Handler] = ()) -> None:
     """Send log records to standard error with timestamps; level from ``LASAGNE_ENGINE_LOG_LEVEL``."""
     level_name = (level or os.environ.get("LASAGNE_ENGINE_LOG_LEVEL", "INFO")).upper()
+    # force=True replaces the WARNING-level handler that the command line sets up before it runs
+    # a service, which would otherwise drop every INFO line of the service.
     logging.basicConfig(
         level=level_name,
         format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s",
+        force=True,
     )
     for handler in extra_handlers:
         logging.getLogger().addHandler(handler)

@@ -11,13 +11,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from lasagne_engine.compute import compute_environment
+from lasagne_engine.security import ClientSecurity
 from lasagne_engine.trainer.worker import TOKEN_VARIABLE
 
 logger = logging.getLogger(__name__)
 
 STDERR_TAIL_BYTES = 8192
 # Variables a session process does not need: credentials of the services and the user's tokens.
-_WITHHELD_PREFIXES = ("LASAGNE_ENGINE_TOKEN", "AWS_", "MINIO_")
+# The TLS files and the config file are replaced by the trainer's own client settings below.
+_WITHHELD_PREFIXES = ("LASAGNE_ENGINE_TOKEN", "LASAGNE_ENGINE_TLS_", "LASAGNE_ENGINE_CONFIG", "AWS_", "MINIO_")
 
 
 # Pins the process to one core before anything imports numpy or gRPC, whose thread pools would
@@ -122,6 +124,9 @@ class LocalLauncher:
                 environment[variable] = "1"
             environment["XLA_FLAGS"] = (environment.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
         environment[TOKEN_VARIABLE] = request.token
+        # The session saves parameter sets and attaches back to the trainer, so it gets the
+        # trainer's own token and TLS files, and no config file with the server's tokens.
+        environment.update(ClientSecurity.from_env().environment())
         environment["PYTHONUNBUFFERED"] = "1"
         return environment
 

@@ -18,6 +18,7 @@ import warnings
 from google.protobuf import json_format
 
 from lasagne_engine import rpc
+from lasagne_engine.security import ClientSecurity
 from lasagne_engine.compute import JAX_TRUNCATION_WARNING
 from lasagne_engine.errors import EngineError
 from lasagne_engine.modeldef import build_model, error_tail
@@ -199,6 +200,8 @@ class Worker:
         )
         self.run_state = run
         del data
+        compile_seconds = run.compile()
+        logger.info("Session %s compiled in %.1f s on backend %s", spec.session_id, compile_seconds, spec.backend)
         if spec.init_parameter_set:
             initial = self.engine.load_parameter_set(spec.init_parameter_set)
             missing = run.load_arrays(initial, source=f"parameter set {spec.init_parameter_set!r}")
@@ -207,8 +210,6 @@ class Worker:
                             spec.session_id, spec.init_parameter_set, ", ".join(missing))
         run.step = spec.first_step
         self._load_previous()
-        compile_seconds = run.compile()
-        logger.info("Session %s compiled in %.1f s on backend %s", spec.session_id, compile_seconds, spec.backend)
 
         self._state(
             trainer_pb2.RUNNING,
@@ -367,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
             hello=trainer_pb2.WorkerHello(session_id=arguments.session_id, token=token, pid=os.getpid())
         )
     )
-    channel = rpc.insecure_channel(arguments.trainer)
+    channel = rpc.client_channel(arguments.trainer, security=ClientSecurity.from_env())
     stub = trainer_pb2_grpc.TrainerStub(channel)
     commands = stub.AttachWorker(iter(reports.get, _END_OF_REPORTS))
     try:
