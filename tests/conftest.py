@@ -19,6 +19,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Many trainers run at once in the suite and in the processes it starts, so none serves metrics on
 # the fixed default port; the tests that check metrics pass a port of their own.
 os.environ["LASAGNE_ENGINE_METRICS_PORT"] = "0"
+# The developer's own tokens and TLS files ('lasagne-engine up --tls') must not reach the servers
+# and clients of the suite; the security tests pass theirs explicitly.
+os.environ["LASAGNE_ENGINE_CONFIG"] = os.devnull
+for _variable in [name for name in os.environ if name.startswith(("LASAGNE_ENGINE_TOKEN", "LASAGNE_ENGINE_TLS_"))]:
+    del os.environ[_variable]
 
 
 def free_port() -> int:
