@@ -1,8 +1,29 @@
-"""The interface every blob store backend implements."""
+"""The interface every blob store backend implements, and the errors backends raise."""
 
 import abc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import BinaryIO
+
+from lasagne_engine.errors import EngineError, ResourceExhausted, Unavailable
+
+
+class BlobStoreError(EngineError):
+    """Base class of the storage failures a backend reports as domain errors."""
+
+
+class BlobStoreUnavailable(BlobStoreError, Unavailable):
+    """The storage cannot be reached, or failed or timed out through every retry.
+
+    The services return UNAVAILABLE, and the same call succeeds once the storage is back.
+    """
+
+
+class BlobStoreFull(BlobStoreError, ResourceExhausted):
+    """The storage has no room left for the object, or the object exceeds its size limit."""
+
+
+# Exceptions a caller catches when a failed blob operation may be retried later, as for deletions.
+RETRYABLE_BLOB_ERRORS = (OSError, BlobStoreError)
 
 
 class BlobWriter(abc.ABC):
@@ -15,7 +36,7 @@ class BlobWriter(abc.ABC):
     key: str
 
     @abc.abstractmethod
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         """Append bytes to the object."""
 
     @abc.abstractmethod
@@ -37,7 +58,9 @@ class BlobStore(abc.ABC):
     """Flat storage of immutable byte objects under ``/``-separated keys.
 
     Keys are built by the services from validated names only, so a backend may map them to paths
-    or object names directly.
+    or object names directly. Backends raise :class:`BlobStoreUnavailable` or
+    :class:`BlobStoreFull` when the storage itself fails; the local backend may also raise
+    ``OSError``.
     """
 
     @abc.abstractmethod
@@ -64,7 +87,20 @@ class BlobStore(abc.ABC):
 
     @abc.abstractmethod
     def list(self, prefix: str) -> Iterator[str]:
-        """Yield the keys of every committed object under ``prefix``."""
+        """Yield the keys of every committed object under ``prefix``, in sorted order."""
+
+    def abort_incomplete_writes(self, prefix: str, *, keep: Callable[[str], bool]) -> int:
+        """Discard uncommitted writes under ``prefix``, except those whose key ``keep`` accepts.
+
+        Such writes are left by a process that died mid-write. They are never listed, but they may
+        still hold storage. ``keep`` accepts the keys of writes still in progress in this process.
+
+        Returns
+        -------
+        int
+            How many writes were discarded. The default implementation has none to discard.
+        """
+        return 0
 
     def delete_prefix(self, prefix: str) -> int:
         """Remove every object under ``prefix`` and return how many were removed."""

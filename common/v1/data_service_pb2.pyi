@@ -2,6 +2,7 @@ import datetime
 
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from lasagne_engine.v1 import arrays_pb2 as _arrays_pb2
+from lasagne_engine.v1 import storage_pb2 as _storage_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -75,10 +76,12 @@ class DownloadArrayRequest(_message.Message):
     def __init__(self, ref: _Optional[str] = ..., array: _Optional[str] = ..., start_offset: _Optional[int] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
 
 class DeleteDatasetRequest(_message.Message):
-    __slots__ = ("ref",)
+    __slots__ = ("ref", "allow_missing")
     REF_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_MISSING_FIELD_NUMBER: _ClassVar[int]
     ref: str
-    def __init__(self, ref: _Optional[str] = ...) -> None: ...
+    allow_missing: bool
+    def __init__(self, ref: _Optional[str] = ..., allow_missing: _Optional[bool] = ...) -> None: ...
 
 class DeleteDatasetResponse(_message.Message):
     __slots__ = ("deleted_versions",)

@@ -5,6 +5,7 @@ import warnings
 
 from lasagne_engine.v1 import arrays_pb2 as lasagne__engine_dot_v1_dot_arrays__pb2
 from lasagne_engine.v1 import data_service_pb2 as lasagne__engine_dot_v1_dot_data__service__pb2
+from lasagne_engine.v1 import storage_pb2 as lasagne__engine_dot_v1_dot_storage__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -60,6 +61,11 @@ class DataServiceStub:
                 request_serializer=lasagne__engine_dot_v1_dot_data__service__pb2.DeleteDatasetRequest.SerializeToString,
                 response_deserializer=lasagne__engine_dot_v1_dot_data__service__pb2.DeleteDatasetResponse.FromString,
                 _registered_method=True)
+        self.CollectGarbage = channel.unary_unary(
+                '/lasagne_engine.v1.DataService/CollectGarbage',
+                request_serializer=lasagne__engine_dot_v1_dot_storage__pb2.CollectGarbageRequest.SerializeToString,
+                response_deserializer=lasagne__engine_dot_v1_dot_storage__pb2.CollectGarbageResponse.FromString,
+                _registered_method=True)
 
 
 class DataServiceServicer:
@@ -94,7 +100,16 @@ class DataServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteDataset(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Removes the metadata first, then the blobs. A blob that fails to delete is recorded and
+        retried at the next start or CollectGarbage, never forgotten.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CollectGarbage(self, request, context):
+        """Removes blobs that no dataset version refers to and retries failed blob deletions.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -126,6 +141,11 @@ def add_DataServiceServicer_to_server(servicer, server):
                     servicer.DeleteDataset,
                     request_deserializer=lasagne__engine_dot_v1_dot_data__service__pb2.DeleteDatasetRequest.FromString,
                     response_serializer=lasagne__engine_dot_v1_dot_data__service__pb2.DeleteDatasetResponse.SerializeToString,
+            ),
+            'CollectGarbage': grpc.unary_unary_rpc_method_handler(
+                    servicer.CollectGarbage,
+                    request_deserializer=lasagne__engine_dot_v1_dot_storage__pb2.CollectGarbageRequest.FromString,
+                    response_serializer=lasagne__engine_dot_v1_dot_storage__pb2.CollectGarbageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -263,6 +283,33 @@ class DataService:
             '/lasagne_engine.v1.DataService/DeleteDataset',
             lasagne__engine_dot_v1_dot_data__service__pb2.DeleteDatasetRequest.SerializeToString,
             lasagne__engine_dot_v1_dot_data__service__pb2.DeleteDatasetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CollectGarbage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lasagne_engine.v1.DataService/CollectGarbage',
+            lasagne__engine_dot_v1_dot_storage__pb2.CollectGarbageRequest.SerializeToString,
+            lasagne__engine_dot_v1_dot_storage__pb2.CollectGarbageResponse.FromString,
             options,
             channel_credentials,
             insecure,

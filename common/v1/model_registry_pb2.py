@@ -25,9 +25,10 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from lasagne_engine.v1 import arrays_pb2 as lasagne__engine_dot_v1_dot_arrays__pb2
+from lasagne_engine.v1 import storage_pb2 as lasagne__engine_dot_v1_dot_storage__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&lasagne_engine/v1/model_registry.proto\x12\x11lasagne_engine.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1elasagne_engine/v1/arrays.proto\"7\n\tArraySpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\xa9\x01\n\x0eModelSignature\x12\x13\n\x0binput_shape\x18\x01 \x03(\x03\x12\x13\n\x0binput_dtype\x18\x02 \x01(\t\x12\x14\n\x0coutput_shape\x18\x03 \x03(\x03\x12\x0c\n\x04loss\x18\x04 \x01(\t\x12\x30\n\nparameters\x18\x05 \x03(\x0b\x32\x1c.lasagne_engine.v1.ArraySpec\x12\x17\n\x0fparameter_bytes\x18\x06 \x01(\x03\"\x9a\x02\n\x0cModelVersion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x15\n\rsource_sha256\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\x12\x38\n\x17\x64\x65\x66\x61ult_hyperparameters\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x34\n\tsignature\x18\x07 \x01(\x0b\x32!.lasagne_engine.v1.ModelSignature\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x63reated\x18\t \x01(\x08\"\x83\x01\n\x14RegisterModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x38\n\x17\x64\x65\x66\x61ult_hyperparameters\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\"!\n\x11ListModelsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"E\n\x12ListModelsResponse\x12/\n\x06models\x18\x01 \x03(\x0b\x32\x1f.lasagne_engine.v1.ModelVersion\"\x1e\n\x0fGetModelRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\"\xf6\x02\n\x0cParameterSet\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\x05\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\r\n\x05\x65poch\x18\x05 \x01(\x05\x12\x0c\n\x04step\x18\x06 \x01(\x03\x12=\n\x07metrics\x18\x07 \x03(\x0b\x32,.lasagne_engine.v1.ParameterSet.MetricsEntry\x12\x0c\n\x04tags\x18\x08 \x03(\t\x12\x11\n\tparent_id\x18\t \x01(\t\x12.\n\x06\x61rrays\x18\n \x03(\x0b\x32\x1e.lasagne_engine.v1.ArrayHeader\x12\x13\n\x0btotal_bytes\x18\x0b \x01(\x03\x12.\n\ncreated_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xe6\x01\n\x10ParameterSetInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x05\x12\x0c\n\x04step\x18\x04 \x01(\x03\x12\x41\n\x07metrics\x18\x05 \x03(\x0b\x32\x30.lasagne_engine.v1.ParameterSetInfo.MetricsEntry\x12\x0c\n\x04tags\x18\x06 \x03(\t\x12\x11\n\tparent_id\x18\x07 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x9a\x01\n\x17SaveParameterSetRequest\x12\x33\n\x04info\x18\x01 \x01(\x0b\x32#.lasagne_engine.v1.ParameterSetInfoH\x00\x12\x30\n\x06header\x18\x02 \x01(\x0b\x32\x1e.lasagne_engine.v1.ArrayHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x03 \x01(\x0cH\x00\x42\x07\n\x05\x66rame\"J\n\x18ListParameterSetsRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0b\n\x03tag\x18\x03 \x01(\t\"T\n\x19ListParameterSetsResponse\x12\x37\n\x0eparameter_sets\x18\x01 \x03(\x0b\x32\x1f.lasagne_engine.v1.ParameterSet\"$\n\x16GetParameterSetRequest\x12\n\n\x02id\x18\x01 \x01(\t\"I\n\x17LoadParameterSetRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05names\x18\x02 \x03(\t\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\x03\"\'\n\x19\x44\x65leteParameterSetRequest\x12\n\n\x02id\x18\x01 \x01(\t\"-\n\x1a\x44\x65leteParameterSetResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"i\n\x16TagParameterSetRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08\x61\x64\x64_tags\x18\x02 \x03(\t\x12\x13\n\x0bremove_tags\x18\x03 \x03(\t\x12\x1c\n\x14\x65xclusive_in_session\x18\x04 \x01(\x08\x32\xfb\x06\n\rModelRegistry\x12Y\n\rRegisterModel\x12\'.lasagne_engine.v1.RegisterModelRequest\x1a\x1f.lasagne_engine.v1.ModelVersion\x12Y\n\nListModels\x12$.lasagne_engine.v1.ListModelsRequest\x1a%.lasagne_engine.v1.ListModelsResponse\x12O\n\x08GetModel\x12\".lasagne_engine.v1.GetModelRequest\x1a\x1f.lasagne_engine.v1.ModelVersion\x12\x61\n\x10SaveParameterSet\x12*.lasagne_engine.v1.SaveParameterSetRequest\x1a\x1f.lasagne_engine.v1.ParameterSet(\x01\x12n\n\x11ListParameterSets\x12+.lasagne_engine.v1.ListParameterSetsRequest\x1a,.lasagne_engine.v1.ListParameterSetsResponse\x12]\n\x0fGetParameterSet\x12).lasagne_engine.v1.GetParameterSetRequest\x1a\x1f.lasagne_engine.v1.ParameterSet\x12_\n\x10LoadParameterSet\x12*.lasagne_engine.v1.LoadParameterSetRequest\x1a\x1d.lasagne_engine.v1.ArrayFrame0\x01\x12q\n\x12\x44\x65leteParameterSet\x12,.lasagne_engine.v1.DeleteParameterSetRequest\x1a-.lasagne_engine.v1.DeleteParameterSetResponse\x12]\n\x0fTagParameterSet\x12).lasagne_engine.v1.TagParameterSetRequest\x1a\x1f.lasagne_engine.v1.ParameterSetb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&lasagne_engine/v1/model_registry.proto\x12\x11lasagne_engine.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1elasagne_engine/v1/arrays.proto\x1a\x1flasagne_engine/v1/storage.proto\"7\n\tArraySpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\xa9\x01\n\x0eModelSignature\x12\x13\n\x0binput_shape\x18\x01 \x03(\x03\x12\x13\n\x0binput_dtype\x18\x02 \x01(\t\x12\x14\n\x0coutput_shape\x18\x03 \x03(\x03\x12\x0c\n\x04loss\x18\x04 \x01(\t\x12\x30\n\nparameters\x18\x05 \x03(\x0b\x32\x1c.lasagne_engine.v1.ArraySpec\x12\x17\n\x0fparameter_bytes\x18\x06 \x01(\x03\"\x9a\x02\n\x0cModelVersion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x15\n\rsource_sha256\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\x12\x38\n\x17\x64\x65\x66\x61ult_hyperparameters\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x34\n\tsignature\x18\x07 \x01(\x0b\x32!.lasagne_engine.v1.ModelSignature\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x63reated\x18\t \x01(\x08\"\x83\x01\n\x14RegisterModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x38\n\x17\x64\x65\x66\x61ult_hyperparameters\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\"!\n\x11ListModelsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"E\n\x12ListModelsResponse\x12/\n\x06models\x18\x01 \x03(\x0b\x32\x1f.lasagne_engine.v1.ModelVersion\"\x1e\n\x0fGetModelRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\"G\n\x12\x44\x65leteModelRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\x12\x15\n\rallow_missing\x18\x03 \x01(\x08\"O\n\x13\x44\x65leteModelResponse\x12\x18\n\x10\x64\x65leted_versions\x18\x01 \x03(\x05\x12\x1e\n\x16\x64\x65leted_parameter_sets\x18\x02 \x03(\t\"\x87\x03\n\x0cParameterSet\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\x05\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\r\n\x05\x65poch\x18\x05 \x01(\x05\x12\x0c\n\x04step\x18\x06 \x01(\x03\x12=\n\x07metrics\x18\x07 \x03(\x0b\x32,.lasagne_engine.v1.ParameterSet.MetricsEntry\x12\x0c\n\x04tags\x18\x08 \x03(\t\x12\x11\n\tparent_id\x18\t \x01(\t\x12.\n\x06\x61rrays\x18\n \x03(\x0b\x32\x1e.lasagne_engine.v1.ArrayHeader\x12\x13\n\x0btotal_bytes\x18\x0b \x01(\x03\x12.\n\ncreated_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07held_by\x18\r \x03(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xe6\x01\n\x10ParameterSetInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x05\x12\x0c\n\x04step\x18\x04 \x01(\x03\x12\x41\n\x07metrics\x18\x05 \x03(\x0b\x32\x30.lasagne_engine.v1.ParameterSetInfo.MetricsEntry\x12\x0c\n\x04tags\x18\x06 \x03(\t\x12\x11\n\tparent_id\x18\x07 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x9a\x01\n\x17SaveParameterSetRequest\x12\x33\n\x04info\x18\x01 \x01(\x0b\x32#.lasagne_engine.v1.ParameterSetInfoH\x00\x12\x30\n\x06header\x18\x02 \x01(\x0b\x32\x1e.lasagne_engine.v1.ArrayHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x03 \x01(\x0cH\x00\x42\x07\n\x05\x66rame\"J\n\x18ListParameterSetsRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0b\n\x03tag\x18\x03 \x01(\t\"T\n\x19ListParameterSetsResponse\x12\x37\n\x0eparameter_sets\x18\x01 \x03(\x0b\x32\x1f.lasagne_engine.v1.ParameterSet\"$\n\x16GetParameterSetRequest\x12\n\n\x02id\x18\x01 \x01(\t\"I\n\x17LoadParameterSetRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05names\x18\x02 \x03(\t\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\x03\">\n\x19\x44\x65leteParameterSetRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rallow_missing\x18\x02 \x01(\x08\"-\n\x1a\x44\x65leteParameterSetResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"i\n\x16TagParameterSetRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08\x61\x64\x64_tags\x18\x02 \x03(\t\x12\x13\n\x0bremove_tags\x18\x03 \x03(\t\x12\x1c\n\x14\x65xclusive_in_session\x18\x04 \x01(\x08\"9\n\x17HoldParameterSetRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"b\n\x10ParameterSetHold\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"<\n\x1aReleaseParameterSetRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"/\n\x1bReleaseParameterSetResponse\x12\x10\n\x08released\x18\x01 \x01(\x05\x32\x9b\n\n\rModelRegistry\x12Y\n\rRegisterModel\x12\'.lasagne_engine.v1.RegisterModelRequest\x1a\x1f.lasagne_engine.v1.ModelVersion\x12Y\n\nListModels\x12$.lasagne_engine.v1.ListModelsRequest\x1a%.lasagne_engine.v1.ListModelsResponse\x12O\n\x08GetModel\x12\".lasagne_engine.v1.GetModelRequest\x1a\x1f.lasagne_engine.v1.ModelVersion\x12\\\n\x0b\x44\x65leteModel\x12%.lasagne_engine.v1.DeleteModelRequest\x1a&.lasagne_engine.v1.DeleteModelResponse\x12\x61\n\x10SaveParameterSet\x12*.lasagne_engine.v1.SaveParameterSetRequest\x1a\x1f.lasagne_engine.v1.ParameterSet(\x01\x12n\n\x11ListParameterSets\x12+.lasagne_engine.v1.ListParameterSetsRequest\x1a,.lasagne_engine.v1.ListParameterSetsResponse\x12]\n\x0fGetParameterSet\x12).lasagne_engine.v1.GetParameterSetRequest\x1a\x1f.lasagne_engine.v1.ParameterSet\x12_\n\x10LoadParameterSet\x12*.lasagne_engine.v1.LoadParameterSetRequest\x1a\x1d.lasagne_engine.v1.ArrayFrame0\x01\x12q\n\x12\x44\x65leteParameterSet\x12,.lasagne_engine.v1.DeleteParameterSetRequest\x1a-.lasagne_engine.v1.DeleteParameterSetResponse\x12]\n\x0fTagParameterSet\x12).lasagne_engine.v1.TagParameterSetRequest\x1a\x1f.lasagne_engine.v1.ParameterSet\x12\x63\n\x10HoldParameterSet\x12*.lasagne_engine.v1.HoldParameterSetRequest\x1a#.lasagne_engine.v1.ParameterSetHold\x12t\n\x13ReleaseParameterSet\x12-.lasagne_engine.v1.ReleaseParameterSetRequest\x1a..lasagne_engine.v1.ReleaseParameterSetResponse\x12\x65\n\x0e\x43ollectGarbage\x12(.lasagne_engine.v1.CollectGarbageRequest\x1a).lasagne_engine.v1.CollectGarbageResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,44 +39,56 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PARAMETERSET_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_PARAMETERSETINFO_METRICSENTRY']._loaded_options = None
   _globals['_PARAMETERSETINFO_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_ARRAYSPEC']._serialized_start=156
-  _globals['_ARRAYSPEC']._serialized_end=211
-  _globals['_MODELSIGNATURE']._serialized_start=214
-  _globals['_MODELSIGNATURE']._serialized_end=383
-  _globals['_MODELVERSION']._serialized_start=386
-  _globals['_MODELVERSION']._serialized_end=668
-  _globals['_REGISTERMODELREQUEST']._serialized_start=671
-  _globals['_REGISTERMODELREQUEST']._serialized_end=802
-  _globals['_LISTMODELSREQUEST']._serialized_start=804
-  _globals['_LISTMODELSREQUEST']._serialized_end=837
-  _globals['_LISTMODELSRESPONSE']._serialized_start=839
-  _globals['_LISTMODELSRESPONSE']._serialized_end=908
-  _globals['_GETMODELREQUEST']._serialized_start=910
-  _globals['_GETMODELREQUEST']._serialized_end=940
-  _globals['_PARAMETERSET']._serialized_start=943
-  _globals['_PARAMETERSET']._serialized_end=1317
-  _globals['_PARAMETERSET_METRICSENTRY']._serialized_start=1271
-  _globals['_PARAMETERSET_METRICSENTRY']._serialized_end=1317
-  _globals['_PARAMETERSETINFO']._serialized_start=1320
-  _globals['_PARAMETERSETINFO']._serialized_end=1550
-  _globals['_PARAMETERSETINFO_METRICSENTRY']._serialized_start=1271
-  _globals['_PARAMETERSETINFO_METRICSENTRY']._serialized_end=1317
-  _globals['_SAVEPARAMETERSETREQUEST']._serialized_start=1553
-  _globals['_SAVEPARAMETERSETREQUEST']._serialized_end=1707
-  _globals['_LISTPARAMETERSETSREQUEST']._serialized_start=1709
-  _globals['_LISTPARAMETERSETSREQUEST']._serialized_end=1783
-  _globals['_LISTPARAMETERSETSRESPONSE']._serialized_start=1785
-  _globals['_LISTPARAMETERSETSRESPONSE']._serialized_end=1869
-  _globals['_GETPARAMETERSETREQUEST']._serialized_start=1871
-  _globals['_GETPARAMETERSETREQUEST']._serialized_end=1907
-  _globals['_LOADPARAMETERSETREQUEST']._serialized_start=1909
-  _globals['_LOADPARAMETERSETREQUEST']._serialized_end=1982
-  _globals['_DELETEPARAMETERSETREQUEST']._serialized_start=1984
-  _globals['_DELETEPARAMETERSETREQUEST']._serialized_end=2023
-  _globals['_DELETEPARAMETERSETRESPONSE']._serialized_start=2025
-  _globals['_DELETEPARAMETERSETRESPONSE']._serialized_end=2070
-  _globals['_TAGPARAMETERSETREQUEST']._serialized_start=2072
-  _globals['_TAGPARAMETERSETREQUEST']._serialized_end=2177
-  _globals['_MODELREGISTRY']._serialized_start=2180
-  _globals['_MODELREGISTRY']._serialized_end=3071
+  _globals['_ARRAYSPEC']._serialized_start=189
+  _globals['_ARRAYSPEC']._serialized_end=244
+  _globals['_MODELSIGNATURE']._serialized_start=247
+  _globals['_MODELSIGNATURE']._serialized_end=416
+  _globals['_MODELVERSION']._serialized_start=419
+  _globals['_MODELVERSION']._serialized_end=701
+  _globals['_REGISTERMODELREQUEST']._serialized_start=704
+  _globals['_REGISTERMODELREQUEST']._serialized_end=835
+  _globals['_LISTMODELSREQUEST']._serialized_start=837
+  _globals['_LISTMODELSREQUEST']._serialized_end=870
+  _globals['_LISTMODELSRESPONSE']._serialized_start=872
+  _globals['_LISTMODELSRESPONSE']._serialized_end=941
+  _globals['_GETMODELREQUEST']._serialized_start=943
+  _globals['_GETMODELREQUEST']._serialized_end=973
+  _globals['_DELETEMODELREQUEST']._serialized_start=975
+  _globals['_DELETEMODELREQUEST']._serialized_end=1046
+  _globals['_DELETEMODELRESPONSE']._serialized_start=1048
+  _globals['_DELETEMODELRESPONSE']._serialized_end=1127
+  _globals['_PARAMETERSET']._serialized_start=1130
+  _globals['_PARAMETERSET']._serialized_end=1521
+  _globals['_PARAMETERSET_METRICSENTRY']._serialized_start=1475
+  _globals['_PARAMETERSET_METRICSENTRY']._serialized_end=1521
+  _globals['_PARAMETERSETINFO']._serialized_start=1524
+  _globals['_PARAMETERSETINFO']._serialized_end=1754
+  _globals['_PARAMETERSETINFO_METRICSENTRY']._serialized_start=1475
+  _globals['_PARAMETERSETINFO_METRICSENTRY']._serialized_end=1521
+  _globals['_SAVEPARAMETERSETREQUEST']._serialized_start=1757
+  _globals['_SAVEPARAMETERSETREQUEST']._serialized_end=1911
+  _globals['_LISTPARAMETERSETSREQUEST']._serialized_start=1913
+  _globals['_LISTPARAMETERSETSREQUEST']._serialized_end=1987
+  _globals['_LISTPARAMETERSETSRESPONSE']._serialized_start=1989
+  _globals['_LISTPARAMETERSETSRESPONSE']._serialized_end=2073
+  _globals['_GETPARAMETERSETREQUEST']._serialized_start=2075
+  _globals['_GETPARAMETERSETREQUEST']._serialized_end=2111
+  _globals['_LOADPARAMETERSETREQUEST']._serialized_start=2113
+  _globals['_LOADPARAMETERSETREQUEST']._serialized_end=2186
+  _globals['_DELETEPARAMETERSETREQUEST']._serialized_start=2188
+  _globals['_DELETEPARAMETERSETREQUEST']._serialized_end=2250
+  _globals['_DELETEPARAMETERSETRESPONSE']._serialized_start=2252
+  _globals['_DELETEPARAMETERSETRESPONSE']._serialized_end=2297
+  _globals['_TAGPARAMETERSETREQUEST']._serialized_start=2299
+  _globals['_TAGPARAMETERSETREQUEST']._serialized_end=2404
+  _globals['_HOLDPARAMETERSETREQUEST']._serialized_start=2406
+  _globals['_HOLDPARAMETERSETREQUEST']._serialized_end=2463
+  _globals['_PARAMETERSETHOLD']._serialized_start=2465
+  _globals['_PARAMETERSETHOLD']._serialized_end=2563
+  _globals['_RELEASEPARAMETERSETREQUEST']._serialized_start=2565
+  _globals['_RELEASEPARAMETERSETREQUEST']._serialized_end=2625
+  _globals['_RELEASEPARAMETERSETRESPONSE']._serialized_start=2627
+  _globals['_RELEASEPARAMETERSETRESPONSE']._serialized_end=2674
+  _globals['_MODELREGISTRY']._serialized_start=2677
+  _globals['_MODELREGISTRY']._serialized_end=3984
 # @@protoc_insertion_point(module_scope)

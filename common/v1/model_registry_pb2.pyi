@@ -3,6 +3,7 @@ import datetime
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from lasagne_engine.v1 import arrays_pb2 as _arrays_pb2
+from lasagne_engine.v1 import storage_pb2 as _storage_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -89,8 +90,26 @@ class GetModelRequest(_message.Message):
     ref: str
     def __init__(self, ref: _Optional[str] = ...) -> None: ...
 
+class DeleteModelRequest(_message.Message):
+    __slots__ = ("ref", "force", "allow_missing")
+    REF_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_MISSING_FIELD_NUMBER: _ClassVar[int]
+    ref: str
+    force: bool
+    allow_missing: bool
+    def __init__(self, ref: _Optional[str] = ..., force: _Optional[bool] = ..., allow_missing: _Optional[bool] = ...) -> None: ...
+
+class DeleteModelResponse(_message.Message):
+    __slots__ = ("deleted_versions", "deleted_parameter_sets")
+    DELETED_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    DELETED_PARAMETER_SETS_FIELD_NUMBER: _ClassVar[int]
+    deleted_versions: _containers.RepeatedScalarFieldContainer[int]
+    deleted_parameter_sets: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, deleted_versions: _Optional[_Iterable[int]] = ..., deleted_parameter_sets: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class ParameterSet(_message.Message):
-    __slots__ = ("id", "model", "model_version", "session_id", "epoch", "step", "metrics", "tags", "parent_id", "arrays", "total_bytes", "created_at")
+    __slots__ = ("id", "model", "model_version", "session_id", "epoch", "step", "metrics", "tags", "parent_id", "arrays", "total_bytes", "created_at", "held_by")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +129,7 @@ class ParameterSet(_message.Message):
     ARRAYS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    HELD_BY_FIELD_NUMBER: _ClassVar[int]
     id: str
     model: str
     model_version: int
@@ -122,7 +142,8 @@ class ParameterSet(_message.Message):
     arrays: _containers.RepeatedCompositeFieldContainer[_arrays_pb2.ArrayHeader]
     total_bytes: int
     created_at: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[int] = ..., session_id: _Optional[str] = ..., epoch: _Optional[int] = ..., step: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., tags: _Optional[_Iterable[str]] = ..., parent_id: _Optional[str] = ..., arrays: _Optional[_Iterable[_Union[_arrays_pb2.ArrayHeader, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    held_by: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[int] = ..., session_id: _Optional[str] = ..., epoch: _Optional[int] = ..., step: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., tags: _Optional[_Iterable[str]] = ..., parent_id: _Optional[str] = ..., arrays: _Optional[_Iterable[_Union[_arrays_pb2.ArrayHeader, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., held_by: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ParameterSetInfo(_message.Message):
     __slots__ = ("model", "session_id", "epoch", "step", "metrics", "tags", "parent_id")
@@ -192,10 +213,12 @@ class LoadParameterSetRequest(_message.Message):
     def __init__(self, id: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
 
 class DeleteParameterSetRequest(_message.Message):
-    __slots__ = ("id",)
+    __slots__ = ("id", "allow_missing")
     ID_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_MISSING_FIELD_NUMBER: _ClassVar[int]
     id: str
-    def __init__(self, id: _Optional[str] = ...) -> None: ...
+    allow_missing: bool
+    def __init__(self, id: _Optional[str] = ..., allow_missing: _Optional[bool] = ...) -> None: ...
 
 class DeleteParameterSetResponse(_message.Message):
     __slots__ = ("deleted",)
@@ -214,3 +237,35 @@ class TagParameterSetRequest(_message.Message):
     remove_tags: _containers.RepeatedScalarFieldContainer[str]
     exclusive_in_session: bool
     def __init__(self, id: _Optional[str] = ..., add_tags: _Optional[_Iterable[str]] = ..., remove_tags: _Optional[_Iterable[str]] = ..., exclusive_in_session: _Optional[bool] = ...) -> None: ...
+
+class HoldParameterSetRequest(_message.Message):
+    __slots__ = ("id", "session_id")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    session_id: str
+    def __init__(self, id: _Optional[str] = ..., session_id: _Optional[str] = ...) -> None: ...
+
+class ParameterSetHold(_message.Message):
+    __slots__ = ("id", "session_id", "created_at")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    session_id: str
+    created_at: _timestamp_pb2.Timestamp
+    def __init__(self, id: _Optional[str] = ..., session_id: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ReleaseParameterSetRequest(_message.Message):
+    __slots__ = ("id", "session_id")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    session_id: str
+    def __init__(self, id: _Optional[str] = ..., session_id: _Optional[str] = ...) -> None: ...
+
+class ReleaseParameterSetResponse(_message.Message):
+    __slots__ = ("released",)
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    released: int
+    def __init__(self, released: _Optional[int] = ...) -> None: ...

@@ -5,6 +5,7 @@ import warnings
 
 from lasagne_engine.v1 import arrays_pb2 as lasagne__engine_dot_v1_dot_arrays__pb2
 from lasagne_engine.v1 import model_registry_pb2 as lasagne__engine_dot_v1_dot_model__registry__pb2
+from lasagne_engine.v1 import storage_pb2 as lasagne__engine_dot_v1_dot_storage__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -50,6 +51,11 @@ class ModelRegistryStub:
                 request_serializer=lasagne__engine_dot_v1_dot_model__registry__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=lasagne__engine_dot_v1_dot_model__registry__pb2.ModelVersion.FromString,
                 _registered_method=True)
+        self.DeleteModel = channel.unary_unary(
+                '/lasagne_engine.v1.ModelRegistry/DeleteModel',
+                request_serializer=lasagne__engine_dot_v1_dot_model__registry__pb2.DeleteModelRequest.SerializeToString,
+                response_deserializer=lasagne__engine_dot_v1_dot_model__registry__pb2.DeleteModelResponse.FromString,
+                _registered_method=True)
         self.SaveParameterSet = channel.stream_unary(
                 '/lasagne_engine.v1.ModelRegistry/SaveParameterSet',
                 request_serializer=lasagne__engine_dot_v1_dot_model__registry__pb2.SaveParameterSetRequest.SerializeToString,
@@ -80,6 +86,21 @@ class ModelRegistryStub:
                 request_serializer=lasagne__engine_dot_v1_dot_model__registry__pb2.TagParameterSetRequest.SerializeToString,
                 response_deserializer=lasagne__engine_dot_v1_dot_model__registry__pb2.ParameterSet.FromString,
                 _registered_method=True)
+        self.HoldParameterSet = channel.unary_unary(
+                '/lasagne_engine.v1.ModelRegistry/HoldParameterSet',
+                request_serializer=lasagne__engine_dot_v1_dot_model__registry__pb2.HoldParameterSetRequest.SerializeToString,
+                response_deserializer=lasagne__engine_dot_v1_dot_model__registry__pb2.ParameterSetHold.FromString,
+                _registered_method=True)
+        self.ReleaseParameterSet = channel.unary_unary(
+                '/lasagne_engine.v1.ModelRegistry/ReleaseParameterSet',
+                request_serializer=lasagne__engine_dot_v1_dot_model__registry__pb2.ReleaseParameterSetRequest.SerializeToString,
+                response_deserializer=lasagne__engine_dot_v1_dot_model__registry__pb2.ReleaseParameterSetResponse.FromString,
+                _registered_method=True)
+        self.CollectGarbage = channel.unary_unary(
+                '/lasagne_engine.v1.ModelRegistry/CollectGarbage',
+                request_serializer=lasagne__engine_dot_v1_dot_storage__pb2.CollectGarbageRequest.SerializeToString,
+                response_deserializer=lasagne__engine_dot_v1_dot_storage__pb2.CollectGarbageResponse.FromString,
+                _registered_method=True)
 
 
 class ModelRegistryServicer:
@@ -101,6 +122,15 @@ class ModelRegistryServicer:
 
     def GetModel(self, request, context):
         """Returns one model version, with its source. "name" means the latest version, "name@3" a given one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteModel(self, request, context):
+        """Deletes one model version ("name@3") or every version ("name") with its source. A version
+        that still has parameter sets is kept (FAILED_PRECONDITION) unless force is set, which
+        deletes those sets as well. Version numbers are never reused.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -134,7 +164,9 @@ class ModelRegistryServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteParameterSet(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Deletes a parameter set and its blobs; FAILED_PRECONDITION, naming the sessions, while a
+        session holds it.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -142,6 +174,29 @@ class ModelRegistryServicer:
     def TagParameterSet(self, request, context):
         """Adds and removes tags. With exclusive_in_session, each added tag moves: it is removed from
         the other parameter sets of the same session in the same transaction.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def HoldParameterSet(self, request, context):
+        """Records that a session uses a parameter set, which keeps it from being deleted until the
+        session releases it. Holding a set again is not an error.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseParameterSet(self, request, context):
+        """Ends a session's hold on one parameter set, or with an empty id on every set it holds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CollectGarbage(self, request, context):
+        """Removes blobs that no model version or parameter set refers to and retries failed blob
+        deletions.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -164,6 +219,11 @@ def add_ModelRegistryServicer_to_server(servicer, server):
                     servicer.GetModel,
                     request_deserializer=lasagne__engine_dot_v1_dot_model__registry__pb2.GetModelRequest.FromString,
                     response_serializer=lasagne__engine_dot_v1_dot_model__registry__pb2.ModelVersion.SerializeToString,
+            ),
+            'DeleteModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteModel,
+                    request_deserializer=lasagne__engine_dot_v1_dot_model__registry__pb2.DeleteModelRequest.FromString,
+                    response_serializer=lasagne__engine_dot_v1_dot_model__registry__pb2.DeleteModelResponse.SerializeToString,
             ),
             'SaveParameterSet': grpc.stream_unary_rpc_method_handler(
                     servicer.SaveParameterSet,
@@ -194,6 +254,21 @@ def add_ModelRegistryServicer_to_server(servicer, server):
                     servicer.TagParameterSet,
                     request_deserializer=lasagne__engine_dot_v1_dot_model__registry__pb2.TagParameterSetRequest.FromString,
                     response_serializer=lasagne__engine_dot_v1_dot_model__registry__pb2.ParameterSet.SerializeToString,
+            ),
+            'HoldParameterSet': grpc.unary_unary_rpc_method_handler(
+                    servicer.HoldParameterSet,
+                    request_deserializer=lasagne__engine_dot_v1_dot_model__registry__pb2.HoldParameterSetRequest.FromString,
+                    response_serializer=lasagne__engine_dot_v1_dot_model__registry__pb2.ParameterSetHold.SerializeToString,
+            ),
+            'ReleaseParameterSet': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseParameterSet,
+                    request_deserializer=lasagne__engine_dot_v1_dot_model__registry__pb2.ReleaseParameterSetRequest.FromString,
+                    response_serializer=lasagne__engine_dot_v1_dot_model__registry__pb2.ReleaseParameterSetResponse.SerializeToString,
+            ),
+            'CollectGarbage': grpc.unary_unary_rpc_method_handler(
+                    servicer.CollectGarbage,
+                    request_deserializer=lasagne__engine_dot_v1_dot_storage__pb2.CollectGarbageRequest.FromString,
+                    response_serializer=lasagne__engine_dot_v1_dot_storage__pb2.CollectGarbageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -277,6 +352,33 @@ class ModelRegistry:
             '/lasagne_engine.v1.ModelRegistry/GetModel',
             lasagne__engine_dot_v1_dot_model__registry__pb2.GetModelRequest.SerializeToString,
             lasagne__engine_dot_v1_dot_model__registry__pb2.ModelVersion.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lasagne_engine.v1.ModelRegistry/DeleteModel',
+            lasagne__engine_dot_v1_dot_model__registry__pb2.DeleteModelRequest.SerializeToString,
+            lasagne__engine_dot_v1_dot_model__registry__pb2.DeleteModelResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -439,6 +541,87 @@ class ModelRegistry:
             '/lasagne_engine.v1.ModelRegistry/TagParameterSet',
             lasagne__engine_dot_v1_dot_model__registry__pb2.TagParameterSetRequest.SerializeToString,
             lasagne__engine_dot_v1_dot_model__registry__pb2.ParameterSet.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HoldParameterSet(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lasagne_engine.v1.ModelRegistry/HoldParameterSet',
+            lasagne__engine_dot_v1_dot_model__registry__pb2.HoldParameterSetRequest.SerializeToString,
+            lasagne__engine_dot_v1_dot_model__registry__pb2.ParameterSetHold.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseParameterSet(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lasagne_engine.v1.ModelRegistry/ReleaseParameterSet',
+            lasagne__engine_dot_v1_dot_model__registry__pb2.ReleaseParameterSetRequest.SerializeToString,
+            lasagne__engine_dot_v1_dot_model__registry__pb2.ReleaseParameterSetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CollectGarbage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lasagne_engine.v1.ModelRegistry/CollectGarbage',
+            lasagne__engine_dot_v1_dot_storage__pb2.CollectGarbageRequest.SerializeToString,
+            lasagne__engine_dot_v1_dot_storage__pb2.CollectGarbageResponse.FromString,
             options,
             channel_credentials,
             insecure,
