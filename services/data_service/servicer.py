@@ -1,16 +1,18 @@
 """The gRPC edge of the data service: translates messages and maps domain errors to status codes."""
 
+import dataclasses
 import logging
 from collections.abc import Iterable, Iterator
 
 import grpc
 
+from lasagne_engine import framing
 from lasagne_engine.arrays import UploadLimits
 from lasagne_engine.config import StreamLimits
 from lasagne_engine.data_service.store import ArrayRecord, DatasetRecord, DatasetStore
 from lasagne_engine.errors import EngineError, InvalidArgument, grpc_errors
 from lasagne_engine.timeutil import to_timestamp
-from lasagne_engine.v1 import arrays_pb2, data_service_pb2, data_service_pb2_grpc
+from lasagne_engine.v1 import arrays_pb2, data_service_pb2, data_service_pb2_grpc, storage_pb2
 
 __all__ = ["DataServiceServicer", "SERVICE_NAME"]
 
@@ -19,6 +21,8 @@ logger = logging.getLogger(__name__)
 SERVICE_NAME = "lasagne_engine.v1.DataService"
 # Room left in each message for the frame's own fields next to a chunk.
 MESSAGE_OVERHEAD_BYTES = 1024
+UPLOAD_CHUNK_TAG = framing.chunk_tag(data_service_pb2.UploadDatasetRequest.DESCRIPTOR.fields_by_name["chunk"].number)
+DOWNLOAD_CHUNK_TAG = framing.chunk_tag(arrays_pb2.ArrayFrame.DESCRIPTOR.fields_by_name["chunk"].number)
 
 
 class UploadCancelled(EngineError):
@@ -43,15 +47,23 @@ class DataServiceServicer(data_service_pb2_grpc.DataServiceServicer):
         self.limits = limits
 
     def add_to_server(self, grpc_server: grpc.Server) -> None:
-        """Register this servicer's methods on ``grpc_server``."""
-        data_service_pb2_grpc.add_DataServiceServicer_to_server(self, grpc_server)
+        """Register this servicer's methods on ``grpc_server``, with chunk frames kept out of protobuf."""
+        framing.add_servicer(
+            grpc_server,
+            data_service_pb2.DESCRIPTOR.services_by_name["DataService"],
+            self,
+            request_deserializers={
+                "UploadDataset": framing.frame_deserializer(data_service_pb2.UploadDatasetRequest, UPLOAD_CHUNK_TAG)
+            },
+            response_serializers={"DownloadArray": framing.frame_serializer},
+        )
 
     @grpc_errors
     def UploadDataset(self, request_iterator, context):
         frames = _receive(request_iterator)
         first = next(frames, None)
-        if first is None or first.WhichOneof("frame") != "info":
-            kind = "no frame" if first is None else f"a {first.WhichOneof('frame')!r} frame"
+        if first is None or _frame_kind(first) != "info":
+            kind = "no frame" if first is None else f"a {_frame_kind(first)!r} frame"
             raise InvalidArgument(
                 f"UploadDataset received {kind} first; send an 'info' frame with the dataset name first."
             )
@@ -64,10 +76,11 @@ class DataServiceServicer(data_service_pb2_grpc.DataServiceServicer):
                 max_chunk_bytes=self.limits.max_chunk_bytes,
             )
             for frame in frames:
-                kind = frame.WhichOneof("frame")
+                kind = _frame_kind(frame)
                 if kind == "chunk":
-                    limits.check_chunk(frame.chunk)
-                    upload.write(frame.chunk)
+                    chunk = frame if isinstance(frame, memoryview) else frame.chunk
+                    limits.check_chunk(chunk)
+                    upload.write(chunk)
                 elif kind == "header":
                     limits.check_header(frame.header)
                     upload.start_array(frame.header)
@@ -103,12 +116,17 @@ class DataServiceServicer(data_service_pb2_grpc.DataServiceServicer):
 
         yield arrays_pb2.ArrayFrame(header=_array_header(array))
         for chunk in chunks:
-            yield arrays_pb2.ArrayFrame(chunk=chunk)
+            yield framing.encode_chunk(DOWNLOAD_CHUNK_TAG, chunk)
 
     @grpc_errors
     def DeleteDataset(self, request, context):
-        versions = self.store.delete(request.ref)
+        versions = self.store.delete(request.ref, allow_missing=request.allow_missing)
         return data_service_pb2.DeleteDatasetResponse(deleted_versions=versions)
+
+    @grpc_errors
+    def CollectGarbage(self, request, context):
+        report = self.store.collect_garbage(dry_run=request.dry_run)
+        return storage_pb2.CollectGarbageResponse(**dataclasses.asdict(report))
 
     def _chunk_bytes(self, requested: int) -> int:
         if requested < 0:
@@ -117,6 +135,13 @@ class DataServiceServicer(data_service_pb2_grpc.DataServiceServicer):
             )
         chunk_bytes = requested or self.limits.chunk_bytes
         return min(chunk_bytes, self.limits.max_chunk_bytes, self.limits.max_message_bytes - MESSAGE_OVERHEAD_BYTES)
+
+
+def _frame_kind(frame) -> str | None:
+    # The upload deserializer hands chunk frames over as memoryviews of their bytes.
+    if isinstance(frame, memoryview):
+        return "chunk"
+    return frame.WhichOneof("frame")
 
 
 def _receive(request_iterator: Iterable) -> Iterator:

@@ -5,6 +5,12 @@ Metadata lives in ``root/datasets.sqlite3`` (WAL mode). The bytes of each array 
 starts, because the version number is allocated only when the upload commits. A version's rows
 are inserted in one transaction after every blob of the upload is committed, so a version is
 listed only when it is whole.
+
+Blobs whose upload id is neither in the metadata nor in an upload of this process are orphans,
+left by a process that died mid-upload. The store deletes them when it opens and in
+:meth:`DatasetStore.collect_garbage`. Deleted versions' blobs go through the table of pending
+deletions described in :mod:`lasagne_engine.blobstore.garbage`, so a failed delete is retried.
+One data service process owns the ``datasets/`` prefix of its blob store.
 """
 
 import contextlib
@@ -15,6 +21,7 @@ import json
 import logging
 import pathlib
 import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,12 +29,13 @@ from collections.abc import Iterator
 import numpy as np
 
 from lasagne_engine.arrays import ArrayReceiver, validate_header
-from lasagne_engine.blobstore import BlobStore, BlobWriter, LocalBlobStore
+from lasagne_engine.blobstore import RETRYABLE_BLOB_ERRORS, BlobStore, BlobWriter, LocalBlobStore
+from lasagne_engine.blobstore.garbage import PENDING_DELETIONS_SCHEMA, BlobDeleter, GarbageReport
 from lasagne_engine.errors import IntegrityError, InvalidArgument, NotFound
 from lasagne_engine.names import Ref, parse_ref, validate_name
 from lasagne_engine.v1 import arrays_pb2
 
-__all__ = ["ArrayRecord", "DatasetRecord", "DatasetStore", "Upload", "blob_key"]
+__all__ = ["ArrayRecord", "DatasetRecord", "DatasetStore", "GarbageReport", "Upload", "blob_key"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,12 +71,18 @@ CREATE TABLE IF NOT EXISTS arrays (
     PRIMARY KEY (name, version, array_name),
     FOREIGN KEY (name, version) REFERENCES versions (name, version) ON DELETE CASCADE
 );
-"""
+""" + PENDING_DELETIONS_SCHEMA
 
 
 def blob_key(dataset_name: str, upload_id: str, array_name: str) -> str:
     """Return the blob store key of one array of one upload."""
     return f"{BLOB_PREFIX}{dataset_name}/{upload_id}/{array_name}"
+
+
+def _upload_id_of(key: str) -> str:
+    # datasets/<name>/<upload-id>/<array-name>; names never contain "/".
+    parts = key.split("/")
+    return parts[2] if len(parts) == 4 else ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,7 +242,12 @@ class Upload:
                 "send at least one array header and its chunks after the info frame."
             )
 
-        self._record = self._store._insert_version(self, tuple(self._arrays))
+        try:
+            self._record = self._store._insert_version(self, tuple(self._arrays))
+        finally:
+            # After the insert, so that a garbage collection never finds these blobs unreferenced.
+            if self._record is not None:
+                self._store._end_upload(self.upload_id)
         logger.info(
             "Stored dataset %s (upload %s): %d arrays, %d bytes",
             self._record,
@@ -247,15 +266,17 @@ class Upload:
         if self._writer is not None:
             try:
                 self._writer.abort()
-            except OSError:
+            except RETRYABLE_BLOB_ERRORS:
                 logger.exception("Failed to discard blob %s of aborted upload %s", self._writer.key, self.upload_id)
             self._writer = None
         self._receiver = None
         for key in self._keys:
             try:
                 self._store.blob_store.delete(key)
-            except OSError:
+            except RETRYABLE_BLOB_ERRORS:
+                # The blob is an orphan now, which the next garbage collection deletes.
                 logger.exception("Failed to delete blob %s of aborted upload %s", key, self.upload_id)
+        self._store._end_upload(self.upload_id)
 
         logger.warning(
             "Aborted upload %s of dataset %r and deleted its blobs (%d arrays were complete): %s",
@@ -324,11 +345,18 @@ class DatasetStore:
         self.database_path = self.root / METADATA_FILENAME
         self.blob_store = blob_store if blob_store is not None else LocalBlobStore(self.root / "blobs")
         self._busy_timeout_s = busy_timeout_s
+        self._deleter = BlobDeleter(self.blob_store, self._transaction)
+        self._uploads_lock = threading.Lock()
+        self._active_uploads: set[str] = set()
 
         with self._connect() as connection:
             connection.execute("PRAGMA journal_mode = WAL")
             connection.executescript(_SCHEMA)
         logger.info("Dataset store opened: metadata in %s, blobs in %r", self.database_path, self.blob_store)
+        try:
+            self.collect_garbage()
+        except RETRYABLE_BLOB_ERRORS as error:
+            logger.warning("Could not clean up the blob store at startup; 'lasagne-engine gc' does it later: %s", error)
 
     def begin_upload(self, name: str, *, description: str = "") -> Upload:
         """Start uploading a new version of dataset ``name``.
@@ -340,8 +368,73 @@ class DatasetStore:
         """
         validate_name(name, kind="dataset")
         upload = Upload(self, name, description)
+        with self._uploads_lock:
+            self._active_uploads.add(upload.upload_id)
         logger.info("Started upload %s of dataset %r", upload.upload_id, name)
         return upload
+
+    def _end_upload(self, upload_id: str) -> None:
+        with self._uploads_lock:
+            self._active_uploads.discard(upload_id)
+
+    def _is_uploading(self, upload_id: str) -> bool:
+        with self._uploads_lock:
+            return upload_id in self._active_uploads
+
+    def collect_garbage(self, *, dry_run: bool = False) -> GarbageReport:
+        """Delete orphan blobs and incomplete writes, and retry blob deletions that failed before.
+
+        Orphans are blobs under ``datasets/`` whose upload id is neither a stored version nor an
+        upload in progress in this process, which a process that died mid-upload leaves behind.
+
+        Parameters
+        ----------
+        dry_run : bool
+            Count orphans and pending deletions without deleting anything. Default False.
+
+        Returns
+        -------
+        GarbageReport
+
+        Raises
+        ------
+        BlobStoreUnavailable
+            If the blob store cannot be listed.
+        """
+        report = GarbageReport()
+        if not dry_run:
+            report.pending_deletions_completed, report.pending_deletions_remaining = self._deleter.retry_pending()
+
+        # The order matters: list first, then read the uploads in progress, then the metadata.
+        # An upload that commits meanwhile is in its version rows before it leaves the set.
+        keys = list(self.blob_store.list(BLOB_PREFIX))
+        with self._uploads_lock:
+            active = set(self._active_uploads)
+        with self._transaction(immediate=False) as connection:
+            stored = {upload_id for (upload_id,) in connection.execute("SELECT upload_id FROM versions")}
+            if dry_run:
+                report.pending_deletions_remaining = connection.execute(
+                    "SELECT COUNT(*) FROM pending_blob_deletions"
+                ).fetchone()[0]
+        referenced = stored | active
+        orphans = [key for key in keys if _upload_id_of(key) not in referenced]
+        report.orphan_blobs = len(orphans)
+
+        if not dry_run:
+            self._deleter.delete_orphans(orphans, what="dataset uploads that never committed")
+            report.incomplete_writes = self.blob_store.abort_incomplete_writes(
+                BLOB_PREFIX, keep=lambda key: self._is_uploading(_upload_id_of(key))
+            )
+        logger.info(
+            "Garbage collection of the dataset store%s: %d orphan blobs, %d incomplete writes, "
+            "%d pending deletions completed, %d remaining",
+            " (dry run)" if dry_run else "",
+            report.orphan_blobs,
+            report.incomplete_writes,
+            report.pending_deletions_completed,
+            report.pending_deletions_remaining,
+        )
+        return report
 
     def list_datasets(self, name: str = "") -> list[DatasetRecord]:
         """List every version of dataset ``name`` in ascending order, or with no name the latest
@@ -416,12 +509,21 @@ class DatasetStore:
             )
         return array, self._iter_blob(record, array, start_offset, chunk_bytes)
 
-    def delete(self, ref: str) -> list[int]:
-        """Delete one version (``name@3``) or every version (``name``) of a dataset.
+    def delete(self, ref: str, *, allow_missing: bool = False) -> list[int]:
+        """Delete one version (``name@3``) or every version (``name``) of a dataset, with its blobs.
 
-        The metadata goes first, in one transaction, so no reader sees a version whose blobs are
-        partly gone. Blobs that fail to delete afterwards are logged and left behind.
-        Version numbers are never reused, so a new upload after a delete gets the next number.
+        The metadata goes first, in one transaction that also records the blob keys as pending
+        deletions, so no reader sees a version whose blobs are partly gone and no blob is
+        forgotten. A blob that fails to delete stays recorded and is retried at the next start or
+        :meth:`collect_garbage`. Version numbers are never reused, so a new upload after a delete
+        gets the next number.
+
+        Parameters
+        ----------
+        ref : str
+            ``name@3`` or ``name``.
+        allow_missing : bool
+            Return an empty list, instead of raising NotFound, when nothing matches. Default False.
 
         Returns
         -------
@@ -433,29 +535,36 @@ class DatasetStore:
         InvalidArgument
             If the reference is invalid.
         NotFound
-            If the dataset or the version does not exist.
+            If the dataset or the version does not exist, unless ``allow_missing`` is set.
         """
         parsed = parse_ref(ref, kind="dataset")
 
         with self._transaction() as connection:
-            if parsed.version is None:
-                records = self._all_versions(connection, parsed)
-            else:
-                records = [self._find(connection, parsed)]
+            try:
+                if parsed.version is None:
+                    records = self._all_versions(connection, parsed)
+                else:
+                    records = [self._find(connection, parsed)]
+            except NotFound:
+                if allow_missing:
+                    return []
+                raise
             connection.executemany(
                 "DELETE FROM versions WHERE name = ? AND version = ?",
                 [(record.name, record.version) for record in records],
             )
+            keys = [record.blob_key(array.name) for record in records for array in record.arrays]
+            BlobDeleter.record(connection, keys, reason=f"deleted dataset {ref}")
 
-        for record in records:
-            for array in record.arrays:
-                key = record.blob_key(array.name)
-                try:
-                    self.blob_store.delete(key)
-                except OSError:
-                    logger.exception("Failed to delete blob %s of deleted dataset %s; it is left behind", key, record)
+        failed = self._deleter.delete(keys)
         versions = [record.version for record in records]
-        logger.info("Deleted dataset %r versions %s", parsed.name, versions)
+        logger.info(
+            "Deleted dataset %r versions %s; %d of %d blobs are left for a later retry",
+            parsed.name,
+            versions,
+            failed,
+            len(keys),
+        )
         return versions
 
     def _all_versions(self, connection: sqlite3.Connection, ref: Ref) -> list[DatasetRecord]:

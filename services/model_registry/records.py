@@ -68,10 +68,60 @@ class ParameterSet:
     arrays: tuple[ArrayRecord, ...]
     total_bytes: int
     created_at: float
+    # Sessions that hold the set, which keeps it from being deleted.
+    held_by: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class ParameterSetHold:
+    """A session's hold on a parameter set; ``created_at`` is in seconds since the Unix epoch."""
+
+    set_id: str
+    session_id: str
+    created_at: float
+
+
+@dataclasses.dataclass(frozen=True)
+class DeletedModel:
+    """Model versions and parameter sets removed by one model deletion."""
+
+    versions: tuple[int, ...]
+    parameter_set_ids: tuple[str, ...]
+
+
+MODELS_PREFIX = "models/"
+MAX_SESSION_ID_LENGTH = 128
 
 
 def model_source_key(name: str, version: int) -> str:
-    return f"models/{name}/{version}.py"
+    return f"{MODELS_PREFIX}{name}/{version}.py"
+
+
+def parse_model_source_key(key: str) -> tuple[str, int] | None:
+    """Return the model name and version of a source key, or None for a key of another form."""
+    parts = key.removeprefix(MODELS_PREFIX).split("/")
+    if not key.startswith(MODELS_PREFIX) or len(parts) != 2 or not parts[1].endswith(".py"):
+        return None
+    try:
+        return parts[0], int(parts[1].removesuffix(".py"))
+    except ValueError:
+        return None
+
+
+def validate_session_id(session_id: str) -> str:
+    """Return ``session_id`` if it is a non-empty printable string of up to 128 characters.
+
+    Raises
+    ------
+    InvalidArgument
+        If it is empty, too long or contains non-printable characters.
+    """
+    if not session_id or len(session_id) > MAX_SESSION_ID_LENGTH or not session_id.isprintable():
+        raise InvalidArgument(
+            f"Invalid session id {session_id!r}: give the id of the session that uses the parameter set, "
+            f"1 to {MAX_SESSION_ID_LENGTH} printable characters."
+        )
+    return session_id
 
 
 def array_key(set_id: str, array_name: str) -> str:

@@ -10,7 +10,6 @@ from lasagne_engine.model_registry.checker import DefinitionChecker
 from lasagne_engine.model_registry.servicer import ModelRegistryServicer
 from lasagne_engine.model_registry.store import RegistryStore
 from lasagne_engine.rpc import Server
-from lasagne_engine.v1 import model_registry_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +53,7 @@ def add_model_registry(
     registry_store = RegistryStore(root, check_definition=checker, blob_store=blob_store)
     servicer = ModelRegistryServicer(registry_store, server.limits)
 
-    model_registry_pb2_grpc.add_ModelRegistryServicer_to_server(servicer, server.grpc_server)
+    servicer.add_to_server(server.grpc_server)
     server.add_service_name(SERVICE_NAME)
     logger.info("Added the model registry at %s to the server on %s", root, server.address)
     return servicer

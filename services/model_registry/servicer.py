@@ -1,23 +1,27 @@
 """The gRPC edge of the model registry: translates messages to and from the store's records."""
 
+import dataclasses
 import logging
 from collections.abc import Iterator
 
 import grpc
 from google.protobuf import json_format, struct_pb2
 
+from lasagne_engine import framing
 from lasagne_engine.arrays import UploadLimits
 from lasagne_engine.config import StreamLimits
 from lasagne_engine.errors import InvalidArgument, grpc_errors
 from lasagne_engine.model_registry import records, store
 from lasagne_engine.model_registry.uploads import ParameterSetUpload
 from lasagne_engine.timeutil import to_timestamp
-from lasagne_engine.v1 import arrays_pb2, model_registry_pb2, model_registry_pb2_grpc
+from lasagne_engine.v1 import arrays_pb2, model_registry_pb2, model_registry_pb2_grpc, storage_pb2
 
 logger = logging.getLogger(__name__)
 
 # Bytes a chunk leaves free below the message limit for the frame's own fields.
 FRAME_OVERHEAD_BYTES = 1024
+SAVE_CHUNK_TAG = framing.chunk_tag(model_registry_pb2.SaveParameterSetRequest.DESCRIPTOR.fields_by_name["chunk"].number)
+LOAD_CHUNK_TAG = framing.chunk_tag(arrays_pb2.ArrayFrame.DESCRIPTOR.fields_by_name["chunk"].number)
 
 
 class ModelRegistryServicer(model_registry_pb2_grpc.ModelRegistryServicer):
@@ -38,6 +42,18 @@ class ModelRegistryServicer(model_registry_pb2_grpc.ModelRegistryServicer):
     def close(self) -> None:
         """Close the store. Call it after the server has stopped."""
         self.store.close()
+
+    def add_to_server(self, grpc_server: grpc.Server) -> None:
+        """Register this servicer's methods on ``grpc_server``, with chunk frames kept out of protobuf."""
+        framing.add_servicer(
+            grpc_server,
+            model_registry_pb2.DESCRIPTOR.services_by_name["ModelRegistry"],
+            self,
+            request_deserializers={
+                "SaveParameterSet": framing.frame_deserializer(model_registry_pb2.SaveParameterSetRequest, SAVE_CHUNK_TAG)
+            },
+            response_serializers={"LoadParameterSet": framing.frame_serializer},
+        )
 
     @grpc_errors
     def RegisterModel(self, request, context):
@@ -61,8 +77,8 @@ class ModelRegistryServicer(model_registry_pb2_grpc.ModelRegistryServicer):
     @grpc_errors
     def SaveParameterSet(self, request_iterator, context):
         first = next(request_iterator, None)
-        if first is None or first.WhichOneof("frame") != "info":
-            received = "an empty stream" if first is None else f"a {first.WhichOneof('frame')!r} frame"
+        if first is None or _frame_kind(first) != "info":
+            received = "an empty stream" if first is None else f"a {_frame_kind(first)!r} frame"
             raise InvalidArgument(
                 f"SaveParameterSet received {received} first; send a ParameterSetInfo frame first, "
                 "then each array's header and chunks."
@@ -126,12 +142,36 @@ class ModelRegistryServicer(model_registry_pb2_grpc.ModelRegistryServicer):
         for array in arrays:
             yield arrays_pb2.ArrayFrame(header=_array_header_message(array))
             for chunk in self.store.read_array(request.id, array, chunk_bytes):
-                yield arrays_pb2.ArrayFrame(chunk=chunk)
+                yield framing.encode_chunk(LOAD_CHUNK_TAG, chunk)
 
     @grpc_errors
     def DeleteParameterSet(self, request, context):
-        self.store.delete_parameter_set(request.id)
-        return model_registry_pb2.DeleteParameterSetResponse(deleted=True)
+        deleted = self.store.delete_parameter_set(request.id, allow_missing=request.allow_missing)
+        return model_registry_pb2.DeleteParameterSetResponse(deleted=deleted)
+
+    @grpc_errors
+    def DeleteModel(self, request, context):
+        deleted = self.store.delete_model(request.ref, force=request.force, allow_missing=request.allow_missing)
+        return model_registry_pb2.DeleteModelResponse(
+            deleted_versions=deleted.versions, deleted_parameter_sets=deleted.parameter_set_ids
+        )
+
+    @grpc_errors
+    def HoldParameterSet(self, request, context):
+        hold = self.store.hold_parameter_set(request.id, request.session_id)
+        message = model_registry_pb2.ParameterSetHold(id=hold.set_id, session_id=hold.session_id)
+        message.created_at.CopyFrom(to_timestamp(hold.created_at))
+        return message
+
+    @grpc_errors
+    def ReleaseParameterSet(self, request, context):
+        released = self.store.release_parameter_set(request.id, request.session_id)
+        return model_registry_pb2.ReleaseParameterSetResponse(released=released)
+
+    @grpc_errors
+    def CollectGarbage(self, request, context):
+        report = self.store.collect_garbage(dry_run=request.dry_run)
+        return storage_pb2.CollectGarbageResponse(**dataclasses.asdict(report))
 
     @grpc_errors
     def TagParameterSet(self, request, context):
@@ -148,13 +188,14 @@ def _receive_arrays(
     upload: ParameterSetUpload, frames: Iterator[model_registry_pb2.SaveParameterSetRequest], limits: UploadLimits
 ) -> None:
     for frame in frames:
-        kind = frame.WhichOneof("frame")
+        kind = _frame_kind(frame)
         if kind == "header":
             limits.check_header(frame.header)
             upload.begin_array(frame.header)
         elif kind == "chunk":
-            limits.check_chunk(frame.chunk)
-            upload.write(frame.chunk)
+            chunk = frame if isinstance(frame, memoryview) else frame.chunk
+            limits.check_chunk(chunk)
+            upload.write(chunk)
         elif kind == "info":
             raise InvalidArgument(
                 f"Parameter set {upload.id} received a second ParameterSetInfo frame; send it once, first."
@@ -163,6 +204,13 @@ def _receive_arrays(
             raise InvalidArgument(
                 f"Parameter set {upload.id} received a frame with none of info, header or chunk set."
             )
+
+
+def _frame_kind(frame) -> str | None:
+    # The save deserializer hands chunk frames over as memoryviews of their bytes.
+    if isinstance(frame, memoryview):
+        return "chunk"
+    return frame.WhichOneof("frame")
 
 
 def _model_version_message(model: records.ModelVersion) -> model_registry_pb2.ModelVersion:
@@ -217,6 +265,7 @@ def _parameter_set_message(parameter_set: records.ParameterSet) -> model_registr
         parent_id=parameter_set.parent_id,
         arrays=[_array_header_message(array) for array in parameter_set.arrays],
         total_bytes=parameter_set.total_bytes,
+        held_by=list(parameter_set.held_by),
     )
     message.created_at.CopyFrom(to_timestamp(parameter_set.created_at))
     return message

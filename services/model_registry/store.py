@@ -2,12 +2,14 @@
 
 Layout under the registry's root folder and its blob store::
 
-    registry.sqlite3                       model versions, parameter sets, their arrays and tags
+    registry.sqlite3                       model versions, parameter sets, their arrays, tags and holds
     blobs/models/<name>/<version>.py       source of each model version (sha256 in the metadata)
     blobs/parameter-sets/<id>/<array>      raw C-order bytes of each array of a parameter set
 
 A parameter set's metadata rows are inserted in one transaction after every one of its blobs has
-been committed, so readers see a set whole or not at all.
+been committed, so readers see a set whole or not at all. Deleting a model version or a parameter
+set removes its rows and records its blob keys as pending deletions in one transaction, then
+deletes the blobs; :mod:`lasagne_engine.blobstore.garbage` retries the ones that fail.
 """
 
 import contextlib
@@ -24,17 +26,23 @@ import uuid
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 
-from lasagne_engine.blobstore import BlobStore, LocalBlobStore
-from lasagne_engine.errors import IntegrityError, InvalidArgument, NotFound
+from lasagne_engine.blobstore import RETRYABLE_BLOB_ERRORS, BlobStore, LocalBlobStore
+from lasagne_engine.blobstore.garbage import PENDING_DELETIONS_SCHEMA, BlobDeleter, GarbageReport
+from lasagne_engine.errors import FailedPrecondition, IntegrityError, InvalidArgument, NotFound
 from lasagne_engine.model_registry.records import (
+    MODELS_PREFIX,
     PARAMETER_SETS_PREFIX,
     ArrayRecord,
+    DeletedModel,
     ModelVersion,
     ParameterSet,
+    ParameterSetHold,
     ParameterSetInfo,
     array_key,
     model_source_key,
+    parse_model_source_key,
     validate_parameter_set_id,
+    validate_session_id,
 )
 from lasagne_engine.model_registry.uploads import ParameterSetUpload
 from lasagne_engine.modeldef import source_sha256
@@ -93,7 +101,22 @@ CREATE TABLE IF NOT EXISTS parameter_set_tags (
     PRIMARY KEY (set_id, tag)
 );
 CREATE INDEX IF NOT EXISTS parameter_set_tags_by_tag ON parameter_set_tags (tag);
-"""
+
+-- The last version handed out for each model name, kept after its versions are deleted, so that a
+-- version number never names two different sources.
+CREATE TABLE IF NOT EXISTS model_version_counters (
+    name TEXT PRIMARY KEY,
+    last_version INTEGER NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS parameter_set_holds (
+    set_id TEXT NOT NULL REFERENCES parameter_sets (id) ON DELETE CASCADE,
+    session_id TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (set_id, session_id)
+);
+CREATE INDEX IF NOT EXISTS parameter_set_holds_by_session ON parameter_set_holds (session_id);
+""" + PENDING_DELETIONS_SCHEMA
 
 # Called as check(name, source, hyperparameters). It returns the definition's signature or raises
 # ModelDefinitionError, as checker.DefinitionChecker does.
@@ -118,8 +141,10 @@ class RegistryStore:
 
     Notes
     -----
-    At startup the store deletes parameter set blobs that no metadata row refers to, which are
-    left by a process that stopped mid-upload. Two processes must therefore never serve one root.
+    At startup the store runs :meth:`collect_garbage`: it deletes blobs that no metadata row refers
+    to, which a process that stopped mid-upload leaves, and retries failed blob deletions. Two
+    processes must therefore never serve one root, nor one blob store's ``models/`` and
+    ``parameter-sets/`` prefixes.
     """
 
     def __init__(
@@ -144,8 +169,12 @@ class RegistryStore:
         # Closes the connection when the store is collected, for servers that never call close().
         self._close_connection = weakref.finalize(self, self._connection.close)
 
-        self._remove_orphaned_blobs()
+        self._deleter = BlobDeleter(self.blobs, self._transaction)
         logger.info("Opened the model registry at %s with blobs in %r", self.root, self.blobs)
+        try:
+            self.collect_garbage()
+        except RETRYABLE_BLOB_ERRORS as error:
+            logger.warning("Could not clean up the blob store at startup; 'lasagne-engine gc' does it later: %s", error)
 
     def close(self) -> None:
         """Close the metadata database. The store must not be used afterwards."""
@@ -240,7 +269,15 @@ class RegistryStore:
                 if row is not None and row["source_sha256"] == digest:
                     return _model_version(row)
 
-                version = 1 if row is None else row["version"] + 1
+                counter = connection.execute(
+                    "SELECT last_version FROM model_version_counters WHERE name = ?", (name,)
+                ).fetchone()
+                version = max(0 if row is None else row["version"], 0 if counter is None else counter[0]) + 1
+                connection.execute(
+                    "INSERT INTO model_version_counters VALUES (?, ?) "
+                    "ON CONFLICT (name) DO UPDATE SET last_version = excluded.last_version",
+                    (name, version),
+                )
                 created_at = time.time()
                 written_key = model_source_key(name, version)
                 self.blobs.put_bytes(written_key, source.encode("utf-8"))
@@ -604,35 +641,295 @@ class RegistryStore:
                     return
                 yield chunk
 
-    def delete_parameter_set(self, set_id: str) -> None:
+    def delete_parameter_set(self, set_id: str, *, allow_missing: bool = False) -> bool:
         """Delete a parameter set's metadata and then its blobs.
 
-        Sets that name it as their parent keep the id in ``parent_id``.
+        Sets that name it as their parent keep the id in ``parent_id``. A blob that fails to
+        delete stays recorded and is retried at the next start or :meth:`collect_garbage`.
+
+        Parameters
+        ----------
+        set_id : str
+            The parameter set to delete.
+        allow_missing : bool
+            Return False, instead of raising NotFound, when no set has the id. Default False.
+
+        Returns
+        -------
+        bool
+            True if the set was deleted, False if it did not exist and ``allow_missing`` is set.
 
         Raises
         ------
         InvalidArgument
             If the id is malformed.
         NotFound
-            If no parameter set has that id.
+            If no parameter set has that id, unless ``allow_missing`` is set.
+        FailedPrecondition
+            If a session holds the set; the message names the sessions.
         """
         validate_parameter_set_id(set_id)
         with self._transaction() as connection:
-            names = [
-                row[0] for row in connection.execute("SELECT name FROM parameter_arrays WHERE set_id = ?", (set_id,))
+            holders = _holders(connection, [set_id])
+            if holders:
+                raise _held_error(f"parameter set {set_id}", holders)
+            keys = [
+                array_key(set_id, name)
+                for (name,) in connection.execute("SELECT name FROM parameter_arrays WHERE set_id = ?", (set_id,))
             ]
             deleted = connection.execute("DELETE FROM parameter_sets WHERE id = ?", (set_id,)).rowcount
+            BlobDeleter.record(connection, keys, reason=f"deleted parameter set {set_id}")
         if not deleted:
+            if allow_missing:
+                return False
             raise NotFound(
                 f"No parameter set with id {set_id!r}; it was never saved or has been deleted. "
                 "ListParameterSets returns the ids that exist."
             )
 
-        # The metadata is gone first, so a failure here leaves unreachable blobs, never a set with
-        # missing arrays. The startup sweep removes such leftovers.
-        for name in names:
-            self.blobs.delete(array_key(set_id, name))
-        logger.info("Deleted parameter set %s and its %d arrays", set_id, len(names))
+        failed = self._deleter.delete(keys)
+        logger.info(
+            "Deleted parameter set %s and its %d arrays; %d blobs are left for a later retry", set_id, len(keys), failed
+        )
+        return True
+
+    def delete_model(self, ref: str, *, force: bool = False, allow_missing: bool = False) -> DeletedModel:
+        """Delete one model version (``name@3``) or every version (``name``), with its source blob.
+
+        Version numbers are never reused: the next registration of the name gets the number after
+        the highest one ever handed out.
+
+        Parameters
+        ----------
+        ref : str
+            ``name@3`` or ``name``.
+        force : bool
+            Also delete the parameter sets of the deleted versions. Without it, a version that has
+            parameter sets is kept. Default False.
+        allow_missing : bool
+            Return an empty result, instead of raising NotFound, when nothing matches. Default False.
+
+        Returns
+        -------
+        DeletedModel
+            The deleted versions and the ids of the parameter sets deleted with them.
+
+        Raises
+        ------
+        InvalidArgument
+            If the reference is malformed.
+        NotFound
+            If the model or the version does not exist, unless ``allow_missing`` is set.
+        FailedPrecondition
+            If a version has parameter sets and ``force`` is not set, or a session holds one of
+            them. The message names the sets or the sessions.
+        """
+        parsed = parse_ref(ref, kind="model")
+        with self._transaction() as connection:
+            versions = [
+                version
+                for (version,) in connection.execute(
+                    "SELECT version FROM model_versions WHERE name = ? AND (? IS NULL OR version = ?) ORDER BY version",
+                    (parsed.name, parsed.version, parsed.version),
+                )
+            ]
+            if not versions:
+                set_ids: list[str] = []
+                keys: list[str] = []
+            else:
+                set_ids, keys = self._delete_model_rows(connection, parsed.name, versions, ref=ref, force=force)
+        if not versions:
+            if allow_missing:
+                return DeletedModel(versions=(), parameter_set_ids=())
+            raise self._resolve_model_error(ref)
+
+        failed = self._deleter.delete(keys)
+        logger.info(
+            "Deleted model %s versions %s with %d parameter sets; %d of %d blobs are left for a later retry",
+            parsed.name,
+            versions,
+            len(set_ids),
+            failed,
+            len(keys),
+        )
+        return DeletedModel(versions=tuple(versions), parameter_set_ids=tuple(set_ids))
+
+    def _delete_model_rows(
+        self, connection: sqlite3.Connection, name: str, versions: list[int], *, ref: str, force: bool
+    ) -> tuple[list[str], list[str]]:
+        marks = ", ".join("?" * len(versions))
+        set_ids = [
+            set_id
+            for (set_id,) in connection.execute(
+                f"SELECT id FROM parameter_sets WHERE model_name = ? AND model_version IN ({marks}) ORDER BY sequence",
+                (name, *versions),
+            )
+        ]
+        if set_ids and not force:
+            shown = ", ".join(set_ids[:5]) + (f" and {len(set_ids) - 5} more" if len(set_ids) > 5 else "")
+            raise FailedPrecondition(
+                f"Model {ref!r} still has {len(set_ids)} parameter sets ({shown}); delete them first, or delete "
+                "the model with force to delete them too ('lasagne-engine delete-model --force')."
+            )
+        holders = _holders(connection, set_ids)
+        if holders:
+            raise _held_error(f"model {ref!r}", holders)
+
+        set_marks = ", ".join("?" * len(set_ids))
+        keys = [
+            array_key(set_id, array_name)
+            for set_id, array_name in connection.execute(
+                f"SELECT set_id, name FROM parameter_arrays WHERE set_id IN ({set_marks}) ORDER BY set_id, position",
+                set_ids,
+            )
+        ]
+        keys += [model_source_key(name, version) for version in versions]
+        # Keep the highest number ever handed out, so that it is not handed out again.
+        connection.execute(
+            "INSERT INTO model_version_counters (name, last_version) "
+            "SELECT name, MAX(version) FROM model_versions WHERE name = ? GROUP BY name "
+            "ON CONFLICT (name) DO UPDATE SET last_version = MAX(last_version, excluded.last_version)",
+            (name,),
+        )
+        connection.execute(f"DELETE FROM parameter_sets WHERE id IN ({set_marks})", set_ids)
+        connection.execute(f"DELETE FROM model_versions WHERE name = ? AND version IN ({marks})", (name, *versions))
+        BlobDeleter.record(connection, keys, reason=f"deleted model {ref}")
+        return set_ids, keys
+
+    def _resolve_model_error(self, ref: str) -> NotFound:
+        try:
+            self._resolve_model(ref)
+        except NotFound as error:
+            return error
+        return NotFound(f"Model {ref!r} was deleted meanwhile. List models with 'lasagne-engine models'.")
+
+    # Holds -----------------------------------------------------------------------------------
+
+    def hold_parameter_set(self, set_id: str, session_id: str) -> ParameterSetHold:
+        """Record that ``session_id`` uses a parameter set, which keeps the set from being deleted.
+
+        Holding a set that the session already holds returns the existing hold.
+
+        Raises
+        ------
+        InvalidArgument
+            If the id or the session id is malformed.
+        NotFound
+            If no parameter set has that id.
+        """
+        validate_parameter_set_id(set_id)
+        validate_session_id(session_id)
+        with self._transaction() as connection:
+            if connection.execute("SELECT 1 FROM parameter_sets WHERE id = ?", (set_id,)).fetchone() is None:
+                raise NotFound(
+                    f"No parameter set with id {set_id!r} to hold for session {session_id!r}; it was never saved "
+                    "or has been deleted. ListParameterSets returns the ids that exist."
+                )
+            inserted = connection.execute(
+                "INSERT OR IGNORE INTO parameter_set_holds VALUES (?, ?, ?)", (set_id, session_id, time.time())
+            ).rowcount
+            (created_at,) = connection.execute(
+                "SELECT created_at FROM parameter_set_holds WHERE set_id = ? AND session_id = ?", (set_id, session_id)
+            ).fetchone()
+        if inserted:
+            logger.info("Session %s holds parameter set %s", session_id, set_id)
+        return ParameterSetHold(set_id=set_id, session_id=session_id, created_at=created_at)
+
+    def release_parameter_set(self, set_id: str, session_id: str) -> int:
+        """End a session's hold on one parameter set, or with ``set_id`` empty on every set it holds.
+
+        Returns
+        -------
+        int
+            How many holds ended; 0 when the session held nothing that matched.
+
+        Raises
+        ------
+        InvalidArgument
+            If the id or the session id is malformed.
+        """
+        validate_session_id(session_id)
+        if set_id:
+            validate_parameter_set_id(set_id)
+        with self._transaction() as connection:
+            released = connection.execute(
+                "DELETE FROM parameter_set_holds WHERE session_id = ? AND (? = '' OR set_id = ?)",
+                (session_id, set_id, set_id),
+            ).rowcount
+        logger.info("Session %s released %d holds on %s", session_id, released, set_id or "its parameter sets")
+        return released
+
+    # Garbage ---------------------------------------------------------------------------------
+
+    def collect_garbage(self, *, dry_run: bool = False) -> GarbageReport:
+        """Delete orphan blobs and incomplete writes, and retry blob deletions that failed before.
+
+        Orphans are parameter set blobs whose set is neither stored nor being uploaded, and model
+        sources whose version is not stored.
+
+        Parameters
+        ----------
+        dry_run : bool
+            Count orphans and pending deletions without deleting anything. Default False.
+
+        Returns
+        -------
+        GarbageReport
+
+        Raises
+        ------
+        BlobStoreUnavailable
+            If the blob store cannot be listed.
+        """
+        report = GarbageReport()
+        if not dry_run:
+            report.pending_deletions_completed, report.pending_deletions_remaining = self._deleter.retry_pending()
+
+        # List first, then read the uploads in progress, then the metadata: an upload that commits
+        # meanwhile has its rows inserted before it leaves the set of uploads.
+        set_keys = list(self.blobs.list(PARAMETER_SETS_PREFIX))
+        source_keys = list(self.blobs.list(MODELS_PREFIX))
+        with self._lock:
+            referenced_sets = set(self._uploading)
+        with self._reading() as connection:
+            referenced_sets |= {set_id for (set_id,) in connection.execute("SELECT id FROM parameter_sets")}
+            stored_versions = {
+                (name, version) for name, version in connection.execute("SELECT name, version FROM model_versions")
+            }
+            if dry_run:
+                (report.pending_deletions_remaining,) = connection.execute(
+                    "SELECT COUNT(*) FROM pending_blob_deletions"
+                ).fetchone()
+
+        orphans = [key for key in set_keys if key.split("/")[1] not in referenced_sets]
+        for key in source_keys:
+            parsed = parse_model_source_key(key)
+            if parsed is None:
+                logger.warning("Leaving blob %s alone: it is not a model source key of this registry", key)
+            elif parsed not in stored_versions:
+                orphans.append(key)
+        report.orphan_blobs = len(orphans)
+
+        if not dry_run:
+            self._deleter.delete_orphans(orphans, what="parameter sets and model versions that are not stored")
+            report.incomplete_writes = self.blobs.abort_incomplete_writes(
+                PARAMETER_SETS_PREFIX, keep=self._is_uploading_key
+            )
+        logger.info(
+            "Garbage collection of the model registry%s: %d orphan blobs, %d incomplete writes, "
+            "%d pending deletions completed, %d remaining",
+            " (dry run)" if dry_run else "",
+            report.orphan_blobs,
+            report.incomplete_writes,
+            report.pending_deletions_completed,
+            report.pending_deletions_remaining,
+        )
+        return report
+
+    def _is_uploading_key(self, key: str) -> bool:
+        parts = key.split("/")
+        with self._lock:
+            return len(parts) > 1 and parts[1] in self._uploading
 
     def tag_parameter_set(
         self,
@@ -723,6 +1020,12 @@ class RegistryStore:
         tags = tuple(
             tag for (tag,) in connection.execute("SELECT tag FROM parameter_set_tags WHERE set_id = ? ORDER BY tag", (set_id,))
         )
+        held_by = tuple(
+            session
+            for (session,) in connection.execute(
+                "SELECT session_id FROM parameter_set_holds WHERE set_id = ? ORDER BY session_id", (set_id,)
+            )
+        )
         return ParameterSet(
             id=set_id,
             model=row["model_name"],
@@ -736,18 +1039,8 @@ class RegistryStore:
             arrays=arrays,
             total_bytes=row["total_bytes"],
             created_at=row["created_at"],
+            held_by=held_by,
         )
-
-    def _remove_orphaned_blobs(self) -> None:
-        with self._reading() as connection:
-            known = {row[0] for row in connection.execute("SELECT id FROM parameter_sets")}
-        orphaned = [
-            key for key in self.blobs.list(PARAMETER_SETS_PREFIX) if key.split("/")[1] not in known
-        ]
-        for key in orphaned:
-            self.blobs.delete(key)
-        if orphaned:
-            logger.warning("Deleted %d blobs of parameter sets that were never completely saved", len(orphaned))
 
 
 def _verify_stored_array(set_id: str, array: ArrayRecord, key: str, size: int, digest: str) -> None:
@@ -772,4 +1065,27 @@ def _model_version(row: sqlite3.Row) -> ModelVersion:
         default_hyperparameters=json.loads(row["default_hyperparameters"]),
         signature=json.loads(row["signature"]),
         created_at=row["created_at"],
+    )
+
+
+def _holders(connection: sqlite3.Connection, set_ids: list[str]) -> dict[str, list[str]]:
+    """Return the sessions holding each of ``set_ids`` that is held, by set id."""
+    holders: dict[str, list[str]] = {}
+    for start in range(0, len(set_ids), 500):
+        batch = set_ids[start : start + 500]
+        rows = connection.execute(
+            f"SELECT set_id, session_id FROM parameter_set_holds WHERE set_id IN ({', '.join('?' * len(batch))}) "
+            "ORDER BY set_id, session_id",
+            batch,
+        )
+        for set_id, session_id in rows:
+            holders.setdefault(set_id, []).append(session_id)
+    return holders
+
+
+def _held_error(what: str, holders: dict[str, list[str]]) -> FailedPrecondition:
+    held = "; ".join(f"{set_id} by session {', '.join(map(repr, sessions))}" for set_id, sessions in holders.items())
+    return FailedPrecondition(
+        f"Cannot delete {what}: parameter sets in use by running sessions ({held}). Stop those sessions, or "
+        "release the holds with ReleaseParameterSet (Engine.release_parameter_set), then delete again."
     )

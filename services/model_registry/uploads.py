@@ -5,7 +5,7 @@ import time
 from typing import TYPE_CHECKING
 
 from lasagne_engine.arrays import ArrayReceiver, validate_header
-from lasagne_engine.blobstore import BlobWriter
+from lasagne_engine.blobstore import RETRYABLE_BLOB_ERRORS, BlobWriter
 from lasagne_engine.errors import IntegrityError, InvalidArgument
 from lasagne_engine.model_registry.records import (
     ARRAY_ROLES,
@@ -139,11 +139,16 @@ class ParameterSetUpload:
             return
         self._done = True
 
-        if self._writer is not None:
-            self._writer.abort()
-        for key in self._committed_keys:
-            self._store.blobs.delete(key)
-        self._store.release_upload_id(self.id)
+        try:
+            if self._writer is not None:
+                self._writer.abort()
+            for key in self._committed_keys:
+                self._store.blobs.delete(key)
+        except RETRYABLE_BLOB_ERRORS:
+            # The blobs left are orphans now, which the next garbage collection deletes.
+            logger.exception("Failed to delete the stored arrays of discarded parameter set %s", self.id)
+        finally:
+            self._store.release_upload_id(self.id)
         logger.warning(
             "Discarded parameter set %s for model %s@%d and deleted its %d stored arrays because %s",
             self.id,
