@@ -237,6 +237,28 @@ def command_delete_params(arguments) -> int:
     return 0
 
 
+def command_delete_model(arguments) -> int:
+    with _engine(arguments) as engine:
+        deleted = engine.delete_model(arguments.ref, force=arguments.force)
+    print(f"deleted versions {', '.join(map(str, deleted.deleted_versions))}")
+    if deleted.deleted_parameter_sets:
+        print(f"deleted parameter sets {', '.join(deleted.deleted_parameter_sets)}")
+    return 0
+
+
+def command_gc(arguments) -> int:
+    with _engine(arguments) as engine:
+        reports = engine.collect_garbage(dry_run=arguments.dry_run)
+    verb = "would remove" if arguments.dry_run else "removed"
+    rows = [
+        [service, str(report.orphan_blobs), str(report.incomplete_writes), str(report.pending_deletions_completed),
+         str(report.pending_deletions_remaining)]
+        for service, report in reports.items()
+    ]
+    _table(rows, ["service", f"orphan blobs {verb}", "incomplete writes", "retried deletions", "still pending"])
+    return 0 if all(report.pending_deletions_remaining == 0 for report in reports.values()) else 1
+
+
 def command_tag(arguments) -> int:
     with _engine(arguments) as engine:
         parameter_set = engine.tag_parameter_set(arguments.id, add=arguments.add, remove=arguments.remove)
@@ -513,6 +535,11 @@ def build_parser() -> argparse.ArgumentParser:
     params.add_argument("--tag")
     delete_params = add("delete-params", command_delete_params, "delete a parameter set")
     delete_params.add_argument("id")
+    delete_model = add("delete-model", command_delete_model, "delete one model version (NAME@VERSION) or all (NAME)")
+    delete_model.add_argument("ref")
+    delete_model.add_argument("--force", action="store_true", help="also delete the parameter sets of those versions")
+    gc = add("gc", command_gc, "remove blobs that no metadata refers to and retry failed blob deletions")
+    gc.add_argument("--dry-run", action="store_true", help="only count what would be removed")
     tag = add("tag", command_tag, "add or remove tags of a parameter set")
     tag.add_argument("id")
     tag.add_argument("--add", action="append", default=[])

@@ -12,8 +12,8 @@ import grpc
 import numpy as np
 from google.protobuf import struct_pb2
 
-from lasagne_engine import rpc
-from lasagne_engine.arrays import ArrayBuffer, as_contiguous, canonical_dtype, header_for, iter_chunks
+from lasagne_engine import framing, rpc
+from lasagne_engine.arrays import ArrayBuffer, as_contiguous, canonical_dtype, header_for
 from lasagne_engine.client.errors import (
     DataLossError,
     DeadlineExceededError,
@@ -33,6 +33,7 @@ from lasagne_engine.v1 import (
     data_service_pb2_grpc,
     model_registry_pb2,
     model_registry_pb2_grpc,
+    storage_pb2,
     trainer_pb2,
     trainer_pb2_grpc,
 )
@@ -69,6 +70,36 @@ _STUB_CLASSES: dict[str, Callable[[grpc.Channel], Any]] = {
     "registry": model_registry_pb2_grpc.ModelRegistryStub,
     "data": data_service_pb2_grpc.DataServiceStub,
     "trainer": trainer_pb2_grpc.TrainerStub,
+}
+
+_ARRAY_FRAME_CHUNK_TAG = framing.chunk_tag(arrays_pb2.ArrayFrame.DESCRIPTOR.fields_by_name["chunk"].number)
+# The bulk methods by name: channel method, path, request serializer, response deserializer.
+# Chunk frames skip protobuf's copies on the way out and in; see lasagne_engine.framing.
+_BULK_METHODS: dict[str, tuple[str, str, Callable[[Any], bytes], Callable[[bytes], Any]]] = {
+    "UploadDataset": (
+        "stream_unary",
+        "/lasagne_engine.v1.DataService/UploadDataset",
+        framing.frame_serializer,
+        data_service_pb2.DatasetVersion.FromString,
+    ),
+    "DownloadArray": (
+        "unary_stream",
+        "/lasagne_engine.v1.DataService/DownloadArray",
+        data_service_pb2.DownloadArrayRequest.SerializeToString,
+        framing.frame_deserializer(arrays_pb2.ArrayFrame, _ARRAY_FRAME_CHUNK_TAG),
+    ),
+    "SaveParameterSet": (
+        "stream_unary",
+        "/lasagne_engine.v1.ModelRegistry/SaveParameterSet",
+        framing.frame_serializer,
+        model_registry_pb2.ParameterSet.FromString,
+    ),
+    "LoadParameterSet": (
+        "unary_stream",
+        "/lasagne_engine.v1.ModelRegistry/LoadParameterSet",
+        model_registry_pb2.LoadParameterSetRequest.SerializeToString,
+        framing.frame_deserializer(arrays_pb2.ArrayFrame, _ARRAY_FRAME_CHUNK_TAG),
+    ),
 }
 
 
@@ -188,6 +219,9 @@ class Engine:
         self._lock = threading.Lock()
         self._channels: dict[str, grpc.Channel] = {}
         self._stubs: dict[str, Any] = {}
+        # The channels the stubs call through, for the bulk methods' own (de)serializers.
+        self._call_channels: dict[str, grpc.Channel] = {}
+        self._bulk_methods: dict[str, Callable[..., Any]] = {}
         self._closed = False
 
     def __repr__(self) -> str:
@@ -204,6 +238,8 @@ class Engine:
             channels = list(self._channels.values())
             self._channels.clear()
             self._stubs.clear()
+            self._call_channels.clear()
+            self._bulk_methods.clear()
             self._closed = True
 
         for channel in channels:
@@ -284,7 +320,7 @@ class Engine:
         frames = _RequestStream(
             _upload_frames(data_service_pb2.UploadDatasetRequest, info, prepared, chunk_bytes=self.limits.chunk_bytes)
         )
-        return self._call_with_stream(self._stub("data").UploadDataset, frames)
+        return self._call_with_stream(self._bulk("data", "UploadDataset"), frames)
 
     def list_datasets(self, name: str = "") -> list[data_service_pb2.DatasetVersion]:
         """List every version of dataset ``name``, or the latest version of every dataset.
@@ -376,7 +412,7 @@ class Engine:
         EngineError
             For any other failure of the call.
         """
-        stub = self._stub("data")
+        download_method = self._bulk("data", "DownloadArray")
         download = _ArrayDownload(source=f"dataset {ref!r}", out=out)
 
         backoffs_s = self.retry_policy.backoffs_s()
@@ -385,7 +421,7 @@ class Engine:
             request = data_service_pb2.DownloadArrayRequest(
                 ref=ref, array=array, start_offset=download.received, chunk_bytes=self.limits.chunk_bytes
             )
-            call = stub.DownloadArray(request, timeout=self.timeout_s)
+            call = download_method(request, timeout=self.timeout_s)
             try:
                 download.consume(call)
                 break
@@ -455,8 +491,19 @@ class Engine:
 
         return {name: self.download_array(concrete_ref, name) for name in names}
 
-    def delete_dataset(self, ref: str) -> list[int]:
-        """Delete one version (``"name@3"``) or every version (``"name"``) of a dataset.
+    def delete_dataset(self, ref: str, *, allow_missing: bool = False) -> list[int]:
+        """Delete one version (``"name@3"``) or every version (``"name"``) of a dataset, with its blobs.
+
+        The data service removes the metadata first and then the blobs. A blob that fails to
+        delete is retried by the service later, so the call succeeds once the metadata is gone.
+
+        Parameters
+        ----------
+        ref : str
+            ``"name@3"`` or ``"name"``.
+        allow_missing : bool
+            Return an empty list instead of raising NotFoundError when nothing matches, so that a
+            retried delete succeeds. Default False.
 
         Returns
         -------
@@ -466,7 +513,7 @@ class Engine:
         Raises
         ------
         NotFoundError
-            If the dataset or version does not exist.
+            If the dataset or version does not exist and ``allow_missing`` is not set.
         FailedPreconditionError
             If the server rejects the deletion because a version is in use.
         UnavailableError
@@ -474,7 +521,8 @@ class Engine:
         EngineError
             For any other failure of the call.
         """
-        response = self._call(self._stub("data").DeleteDataset, data_service_pb2.DeleteDatasetRequest(ref=ref))
+        request = data_service_pb2.DeleteDatasetRequest(ref=ref, allow_missing=allow_missing)
+        response = self._call(self._stub("data").DeleteDataset, request)
         return list(response.deleted_versions)
 
     # Models
@@ -568,6 +616,47 @@ class Engine:
         """
         return self._call(self._stub("registry").GetModel, model_registry_pb2.GetModelRequest(ref=ref))
 
+    def delete_model(
+        self, ref: str, *, force: bool = False, allow_missing: bool = False
+    ) -> model_registry_pb2.DeleteModelResponse:
+        """Delete one model version (``"name@3"``) or every version (``"name"``), with its source.
+
+        Version numbers are never reused: the next registration gets the number after the
+        highest one ever handed out.
+
+        Parameters
+        ----------
+        ref : str
+            ``"name@3"`` or ``"name"``.
+        force : bool
+            Also delete the parameter sets of those versions. Without it, a version that has
+            parameter sets is kept and the call raises FailedPreconditionError. Default False.
+        allow_missing : bool
+            Return an empty response instead of raising NotFoundError when nothing matches.
+            Default False.
+
+        Returns
+        -------
+        lasagne_engine.v1.model_registry_pb2.DeleteModelResponse
+            ``deleted_versions``, and the ids in ``deleted_parameter_sets`` when ``force`` is set.
+
+        Raises
+        ------
+        InvalidArgumentError
+            If the reference is invalid.
+        NotFoundError
+            If the model or version does not exist and ``allow_missing`` is not set.
+        FailedPreconditionError
+            If a version has parameter sets and ``force`` is not set, or a session holds one of
+            them; the message names the sets or the sessions.
+        UnavailableError
+            If the registry or its blob store cannot be reached.
+        EngineError
+            For any other failure of the call.
+        """
+        request = model_registry_pb2.DeleteModelRequest(ref=ref, force=force, allow_missing=allow_missing)
+        return self._call(self._stub("registry").DeleteModel, request)
+
     # Parameter sets
 
     def save_parameter_set(
@@ -643,7 +732,7 @@ class Engine:
                 roles=roles or {},
             )
         )
-        return self._call_with_stream(self._stub("registry").SaveParameterSet, frames)
+        return self._call_with_stream(self._bulk("registry", "SaveParameterSet"), frames)
 
     def list_parameter_sets(
         self, model: str = "", *, session_id: str = "", tag: str = ""
@@ -734,7 +823,7 @@ class Engine:
         backoffs_s = self.retry_policy.backoffs_s()
         retries = 0
         while True:
-            call = self._stub("registry").LoadParameterSet(request, timeout=self.timeout_s)
+            call = self._bulk("registry", "LoadParameterSet")(request, timeout=self.timeout_s)
             try:
                 arrays = _receive_arrays(call, source=source)
                 break
@@ -763,27 +852,41 @@ class Engine:
             )
         return arrays
 
-    def delete_parameter_set(self, parameter_set_id: str) -> None:
+    def delete_parameter_set(self, parameter_set_id: str, *, allow_missing: bool = False) -> bool:
         """Delete a parameter set and its arrays.
+
+        Parameters
+        ----------
+        parameter_set_id : str
+            Id of the parameter set.
+        allow_missing : bool
+            Return False instead of raising NotFoundError when no set has this id, so that a
+            retried delete succeeds. Default False.
+
+        Returns
+        -------
+        bool
+            True if the set was deleted, False if it did not exist and ``allow_missing`` is set.
 
         Raises
         ------
         NotFoundError
-            If no parameter set has this id.
+            If no parameter set has this id and ``allow_missing`` is not set.
         FailedPreconditionError
-            If the registry rejects the deletion because the set is in use.
+            If a session holds the set (see :meth:`hold_parameter_set`); the message names the sessions.
         UnavailableError
             If the registry cannot be reached.
         EngineError
             For any other failure of the call.
         """
-        request = model_registry_pb2.DeleteParameterSetRequest(id=parameter_set_id)
+        request = model_registry_pb2.DeleteParameterSetRequest(id=parameter_set_id, allow_missing=allow_missing)
         response = self._call(self._stub("registry").DeleteParameterSet, request)
-        if not response.deleted:
+        if not response.deleted and not allow_missing:
             raise NotFoundError(
                 f"The registry reported that it deleted nothing for parameter set {parameter_set_id!r}; "
                 "list parameter sets to check the id."
             )
+        return response.deleted
 
     def tag_parameter_set(
         self,
@@ -828,6 +931,96 @@ class Engine:
             exclusive_in_session=exclusive_in_session,
         )
         return self._call(self._stub("registry").TagParameterSet, request)
+
+    def hold_parameter_set(self, parameter_set_id: str, session_id: str) -> model_registry_pb2.ParameterSetHold:
+        """Record that a session uses a parameter set, so that the set cannot be deleted meanwhile.
+
+        Holding a set the session already holds returns the existing hold. The hold lasts until
+        :meth:`release_parameter_set`; the registry does not end it when the session ends.
+
+        Parameters
+        ----------
+        parameter_set_id : str
+            Id of the parameter set.
+        session_id : str
+            Id of the session that uses it: 1 to 128 printable characters.
+
+        Returns
+        -------
+        lasagne_engine.v1.model_registry_pb2.ParameterSetHold
+
+        Raises
+        ------
+        InvalidArgumentError
+            If the id or the session id is malformed.
+        NotFoundError
+            If no parameter set has this id.
+        UnavailableError
+            If the registry cannot be reached.
+        EngineError
+            For any other failure of the call.
+        """
+        request = model_registry_pb2.HoldParameterSetRequest(id=parameter_set_id, session_id=session_id)
+        return self._call(self._stub("registry").HoldParameterSet, request)
+
+    def release_parameter_set(self, parameter_set_id: str, session_id: str) -> int:
+        """End a session's hold on a parameter set, or with ``parameter_set_id=""`` on every set it holds.
+
+        Releasing a hold that does not exist, or that of a deleted set, is not an error.
+
+        Parameters
+        ----------
+        parameter_set_id : str
+            Id of the parameter set, or empty for every set the session holds.
+        session_id : str
+            Id of the session.
+
+        Returns
+        -------
+        int
+            How many holds ended.
+
+        Raises
+        ------
+        InvalidArgumentError
+            If the id or the session id is malformed.
+        UnavailableError
+            If the registry cannot be reached.
+        EngineError
+            For any other failure of the call.
+        """
+        request = model_registry_pb2.ReleaseParameterSetRequest(id=parameter_set_id, session_id=session_id)
+        return self._call(self._stub("registry").ReleaseParameterSet, request).released
+
+    # Storage
+
+    def collect_garbage(self, *, dry_run: bool = False) -> dict[str, storage_pb2.CollectGarbageResponse]:
+        """Ask the registry and the data service to remove orphan blobs and retry failed blob deletions.
+
+        Orphan blobs are those that no metadata refers to, which a service that stopped mid-upload
+        leaves behind. The services also collect garbage at each start.
+
+        Parameters
+        ----------
+        dry_run : bool
+            Only count what would be removed. Default False.
+
+        Returns
+        -------
+        dict of str to lasagne_engine.v1.storage_pb2.CollectGarbageResponse
+            The report of each service, under ``"registry"`` and ``"data"``.
+
+        Raises
+        ------
+        UnavailableError
+            If a service or its blob store cannot be reached.
+        EngineError
+            For any other failure of a call.
+        """
+        request = storage_pb2.CollectGarbageRequest(dry_run=dry_run)
+        return {
+            service: self._call(self._stub(service).CollectGarbage, request) for service in ("registry", "data")
+        }
 
     # Training sessions
 
@@ -1213,8 +1406,23 @@ class Engine:
                 channel = rpc.client_channel(address, self.limits, security=self.security)
                 self._channels[service] = channel
                 retrying = grpc.intercept_channel(channel, RetryingInterceptor(self.retry_policy))
+                self._call_channels[service] = retrying
                 stub = self._stubs[service] = _STUB_CLASSES[service](retrying)
         return stub
+
+    def _bulk(self, service: str, method: str) -> Callable[..., Any]:
+        """Return the multi-callable of a bulk method, which moves chunk frames without protobuf's copies."""
+        self._stub(service)
+        with self._lock:
+            self._check_open()
+            callable_ = self._bulk_methods.get(method)
+            if callable_ is None:
+                make, path, serializer, deserializer = _BULK_METHODS[method]
+                callable_ = getattr(self._call_channels[service], make)(
+                    path, request_serializer=serializer, response_deserializer=deserializer, _registered_method=True
+                )
+                self._bulk_methods[method] = callable_
+        return callable_
 
     def _call(self, method: Callable[..., Any], request: Any, *, timeout_s: float | None = None) -> Any:
         try:
@@ -1305,7 +1513,12 @@ def _upload_frames(
     chunk_bytes: int,
     roles: Mapping[str, str] | None = None,
 ) -> Iterator[Any]:
-    """Yield the info frame, then each array's header and chunks, converting one array at a time."""
+    """Yield the info frame, then each array's header and chunks, converting one array at a time.
+
+    Chunks come as encoded frames (:func:`lasagne_engine.framing.encode_chunk`), each one copy of a
+    slice of the array, for :func:`lasagne_engine.framing.frame_serializer` to send as they are.
+    """
+    tag = framing.chunk_tag(request_type.DESCRIPTOR.fields_by_name["chunk"].number)
     yield request_type(info=info)
     for name, array in arrays:
         contiguous = as_contiguous(array)
@@ -1315,8 +1528,15 @@ def _upload_frames(
         del header.shape[:]
         header.shape.extend(array.shape)
         yield request_type(header=header)
-        for chunk in iter_chunks(contiguous, chunk_bytes):
-            yield request_type(chunk=chunk)
+        for view in _chunk_views(contiguous, chunk_bytes):
+            yield framing.encode_chunk(tag, view)
+
+
+def _chunk_views(array: np.ndarray, chunk_bytes: int) -> Iterator[memoryview]:
+    """Yield views of a C-contiguous array's bytes in pieces of at most ``chunk_bytes``, without copying."""
+    flat = array.reshape(-1).view(np.uint8)
+    for offset in range(0, flat.size, chunk_bytes):
+        yield flat[offset : offset + chunk_bytes].data
 
 
 def _to_struct(values: Mapping[str, Any], argument: str) -> struct_pb2.Struct:
@@ -1349,7 +1569,7 @@ class _ArrayDownload:
         """Write the chunks of one stream, which starts with the header, into the array."""
         frames = iter(frames)
         first = next(frames, None)
-        if first is None or first.WhichOneof("frame") != "header":
+        if first is None or _chunk_of(first) is not None or first.WhichOneof("frame") != "header":
             raise DataLossError(f"The download stream of {self.source} did not start with an array header.")
 
         header = first.header
@@ -1364,11 +1584,12 @@ class _ArrayDownload:
             )
 
         for frame in frames:
-            if frame.WhichOneof("frame") != "chunk":
+            chunk = _chunk_of(frame)
+            if chunk is None:
                 raise DataLossError(
                     f"The download stream of array {header.name!r} of {self.source} sent a second header."
                 )
-            _add_chunk(self._buffer, frame.chunk, source=self.source)
+            _add_chunk(self._buffer, chunk, source=self.source)
 
     def finish(self) -> np.ndarray:
         assert self._buffer is not None and self._header is not None
@@ -1382,7 +1603,8 @@ def _receive_arrays(frames: Iterable[arrays_pb2.ArrayFrame], *, source: str) -> 
     buffer: ArrayBuffer | None = None
 
     for frame in frames:
-        kind = frame.WhichOneof("frame")
+        chunk = _chunk_of(frame)
+        kind = "chunk" if chunk is not None else frame.WhichOneof("frame")
         if kind == "header":
             if buffer is not None:
                 arrays[header.name] = _finish_buffer(buffer, header, source=source)
@@ -1391,13 +1613,22 @@ def _receive_arrays(frames: Iterable[arrays_pb2.ArrayFrame], *, source: str) -> 
                 raise DataLossError(f"The stream of {source} sent array {header.name!r} twice.")
             buffer = _new_buffer(header, source=source)
         elif kind == "chunk" and buffer is not None:
-            _add_chunk(buffer, frame.chunk, source=source)
+            _add_chunk(buffer, chunk, source=source)
         else:
             raise DataLossError(f"The stream of {source} sent a chunk or an empty frame before any array header.")
 
     if buffer is not None:
         arrays[header.name] = _finish_buffer(buffer, header, source=source)
     return arrays
+
+
+def _chunk_of(frame: arrays_pb2.ArrayFrame | memoryview) -> memoryview | bytes | None:
+    """Return the bytes of a chunk frame, which the bulk deserializer delivers as a memoryview, or None."""
+    if isinstance(frame, memoryview):
+        return frame
+    if frame.WhichOneof("frame") == "chunk":
+        return frame.chunk
+    return None
 
 
 def _new_buffer(header: arrays_pb2.ArrayHeader, *, source: str, out: np.ndarray | None = None) -> ArrayBuffer:
@@ -1416,7 +1647,7 @@ def _new_buffer(header: arrays_pb2.ArrayHeader, *, source: str, out: np.ndarray 
         raise DataLossError(f"The server sent an invalid header for {source}: {error}") from error
 
 
-def _add_chunk(buffer: ArrayBuffer, chunk: bytes, *, source: str) -> None:
+def _add_chunk(buffer: ArrayBuffer, chunk: bytes | memoryview, *, source: str) -> None:
     try:
         buffer.receiver.add(chunk)
     except InvalidArgument as error:

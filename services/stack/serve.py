@@ -6,6 +6,7 @@ import signal
 import threading
 
 from lasagne_engine import rpc
+from lasagne_engine.blobstore import configured_blob_store
 from lasagne_engine.config import Addresses, Paths, StreamLimits
 from lasagne_engine.security import ServerSecurity, config_path
 
@@ -49,24 +50,30 @@ def build_servers(
 
     The trainer needs the other two services' addresses, which ``addresses`` gives whether or not
     they run in this process. ``security`` defaults to the environment and the ``[server]``
-    section of the config file in ``paths.home``.
+    section of the config file in ``paths.home``. The registry and the data service share the
+    blob store that ``LASAGNE_ENGINE_BLOB_URL`` or the config file's ``[blob_store]`` names;
+    without one, each keeps its blobs in its own folder under ``paths.home``.
     """
     unknown = [role for role in roles if role not in ROLES]
     if unknown:
         raise ValueError(f"Unknown role {unknown[0]!r}; choose from {', '.join(ROLES)} or 'all'.")
     limits = limits or StreamLimits.from_env()
     security = security if security is not None else ServerSecurity.from_env(config_path(paths.home))
+    # None keeps each service's blobs in its own folder under paths.home.
+    blob_store = configured_blob_store(config_path(paths.home)) if {"registry", "data"} & set(roles) else None
     servers: dict[str, rpc.Server] = {}
     if "registry" in roles:
         from lasagne_engine.model_registry import add_model_registry
 
         servers["registry"] = rpc.Server(addresses.registry, limits=limits, security=security)
-        add_model_registry(servers["registry"], root=paths.registry, compile_cache=paths.compile_cache)
+        add_model_registry(
+            servers["registry"], root=paths.registry, blob_store=blob_store, compile_cache=paths.compile_cache
+        )
     if "data" in roles:
         from lasagne_engine.data_service import add_data_service
 
         servers["data"] = rpc.Server(addresses.data, limits=limits, security=security)
-        add_data_service(servers["data"], root=paths.data)
+        add_data_service(servers["data"], root=paths.data, blob_store=blob_store)
     if "trainer" in roles:
         from lasagne_engine.trainer import add_trainer
 

@@ -145,7 +145,7 @@ def test_upload_raises_request_stream_error(start_data_service, monkeypatch):
     def fail(array, chunk_bytes):
         raise OSError("The array's memory map is no longer readable.")
 
-    monkeypatch.setattr(engine_module, "iter_chunks", fail)
+    monkeypatch.setattr(engine_module, "_chunk_views", fail)
     engine = start_data_service(FakeDataService())
 
     with pytest.raises(OSError, match="The array's memory map is no longer readable."):
