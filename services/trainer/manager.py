@@ -223,10 +223,12 @@ class SessionManager:
             candidates = list(self.devices.values())
         largest = max(candidates, key=lambda device: device.memory_budget_bytes)
         if estimate > largest.memory_budget_bytes:
+            with self._lock:
+                free = largest.memory_budget_bytes - self._used_bytes(largest.name)
             raise errors.ResourceExhausted(
                 f"The session needs an estimated {estimate:,} bytes of device memory, but the largest "
-                f"budget{' of ' + requested_device if requested_device else ''} is {largest.memory_budget_bytes:,} "
-                f"bytes ({largest.name}). Use a smaller batch size or dataset, or raise the budget."
+                f"budget is {largest.memory_budget_bytes:,} bytes ({largest.name}, {free:,} bytes free now). "
+                "Use a smaller batch size or dataset, or raise the budget."
             )
 
     def _resolve(self, call: Callable):

@@ -180,6 +180,11 @@ class SessionRun:
         if not math.isfinite(learning_rate) or learning_rate <= 0:
             raise InvalidArgument(f"learning_rate {learning_rate!r} must be a positive finite number.")
 
+        from pytensor_ml.model import Model
+
+        # Every layer drew its initial values when it was built; redrawing them from the seed makes
+        # the same seed start from the same weights, which resuming and comparing runs rely on.
+        Model(model.output).initialize(seed=seed)
         self.model = model
         self.batch_size = batch_size
         self.seed = seed
@@ -422,11 +427,15 @@ class SessionRun:
     def load_arrays(self, arrays: Mapping[str, np.ndarray], *, source: str) -> list[str]:
         """Set every variable whose name is in ``arrays``; return the names of those left unset.
 
+        Parameters, state and optimizer state are all set, so call this after :meth:`compile`.
+
         Raises
         ------
         FailedPrecondition
             If an array's shape differs from the variable's.
         """
+        if self.train_step is None:
+            raise RuntimeError("Call compile() before load_arrays(): the optimizer's state exists only after it.")
         missing = []
         for variable in self.all_state_variables():
             name = array_name(variable.name)

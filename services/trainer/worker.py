@@ -278,7 +278,11 @@ class Worker:
         last_saved_step = self.saved[-1][2] if self.saved else None
         tags = ["final", "latest"] if state == trainer_pb2.STOPPED else ["latest"]
         if last_saved_step != run.step:
-            self._save(epoch=self._epochs_done(), metrics={}, tags=tags)
+            parameter_set = self._save(epoch=self._epochs_done(), metrics={}, tags=tags)
+            # Request id 0 tells the trainer of a set it did not ask for, so it records the id.
+            self.report(trainer_pb2.WorkerReport(
+                checkpoint_saved=trainer_pb2.CheckpointSaved(request_id=0, parameter_set_id=parameter_set.id)
+            ))
         elif state == trainer_pb2.STOPPED:
             self.engine.tag_parameter_set(self.last_parameter_set_id, add=["final"], exclusive_in_session=True)
         self._state(state)

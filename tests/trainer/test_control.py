@@ -1,0 +1,252 @@
+import os
+import time
+
+import numpy as np
+import pytest
+
+from lasagne_engine.client import FailedPreconditionError, InvalidArgumentError, NotFoundError, ResourceExhaustedError
+from lasagne_engine.client.demo import MODEL_SOURCE, digits_split
+from lasagne_engine.trainer.devices import cpu_devices
+from lasagne_engine.v1 import trainer_pb2
+from tests.conftest import Stack
+from tests.trainer.test_sessions import wait_for_state
+
+pytestmark = pytest.mark.slow
+
+LONG = 100_000
+
+
+@pytest.fixture(scope="module")
+def two_devices(tmp_path_factory, compile_cache):
+    running = Stack(tmp_path_factory.mktemp("control"), compile_cache, devices=cpu_devices(2, memory_budget_bytes=1 << 30))
+    running.engine.upload_dataset("digits", digits_split())
+    running.engine.register_model("mlp", MODEL_SOURCE.read_text(), default_hyperparameters={"hidden_units": 32})
+    yield running
+    running.stop()
+
+
+def stop_all(engine) -> None:
+    for session in engine.list_sessions():
+        if session.state not in (trainer_pb2.COMPLETED, trainer_pb2.STOPPED, trainer_pb2.FAILED,
+                                 trainer_pb2.EARLY_STOPPED, trainer_pb2.INTERRUPTED, trainer_pb2.SUSPENDED):
+            engine.stop_session(session.id)
+            engine.wait_session(session.id, timeout_s=120)
+
+
+def wait_devices_free(engine, timeout_s: float = 30.0):
+    """Wait until no device holds a session; a device is freed when its session process exits."""
+    deadline = time.monotonic() + timeout_s
+    devices = engine.get_devices()
+    while any(device.session_ids for device in devices.devices) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        devices = engine.get_devices()
+    return devices
+
+
+def test_sessions_queue_when_devices_are_busy(two_devices):
+    engine = two_devices.engine
+    first = engine.start_session("mlp", "digits", epochs=LONG, batch_size=8)
+    second = engine.start_session("mlp", "digits", epochs=LONG, batch_size=8)
+    third = engine.start_session("mlp", "digits", epochs=1, batch_size=8)
+    try:
+        wait_for_state(engine, first.id, {trainer_pb2.RUNNING})
+        wait_for_state(engine, second.id, {trainer_pb2.RUNNING})
+
+        queued = engine.get_session(third.id)
+        devices = engine.get_devices()
+        assert queued.state == trainer_pb2.QUEUED
+        assert queued.queue_position == 1
+        assert list(devices.queued_session_ids) == [third.id]
+        by_name = {device.name: device for device in devices.devices}
+        assert {by_name["cpu:0"].session_ids[0], by_name["cpu:1"].session_ids[0]} == {first.id, second.id}
+        assert by_name["cpu:0"].memory_used_bytes == engine.get_session(by_name["cpu:0"].session_ids[0]).estimated_bytes
+        assert by_name["cpu:0"].memory_used_bytes > 0
+
+        engine.stop_session(first.id)
+        assert engine.wait_session(third.id, timeout_s=300).state == trainer_pb2.COMPLETED
+        assert engine.get_session(third.id).device == engine.get_session(first.id).device
+    finally:
+        stop_all(engine)
+
+    devices = wait_devices_free(engine)
+    assert [device.memory_used_bytes for device in devices.devices] == [0, 0]
+    assert all(not device.session_ids for device in devices.devices)
+
+
+def test_cpu_sessions_are_pinned_to_their_core(two_devices):
+    engine = two_devices.engine
+    session = engine.start_session("mlp", "digits", epochs=LONG, batch_size=8, device="cpu:1")
+    try:
+        running = wait_for_state(engine, session.id, {trainer_pb2.RUNNING})
+
+        cores = sorted(os.sched_getaffinity(0))
+        assert running.device == "cpu:1"
+        assert os.sched_getaffinity(running.pid) == {cores[1 % len(cores)]}
+    finally:
+        stop_all(engine)
+
+
+def test_start_rejects_session_larger_than_budget(tmp_path, compile_cache):
+    small = Stack(tmp_path, compile_cache, devices=cpu_devices(1, memory_budget_bytes=1 << 20))
+    try:
+        small.engine.upload_dataset("digits", digits_split())
+        small.engine.register_model("mlp", MODEL_SOURCE.read_text())
+
+        with pytest.raises(ResourceExhaustedError, match=r"needs an estimated [\d,]+ bytes.*largest budget is 1,048,576 bytes \(cpu:0, 1,048,576 bytes free now\)"):
+            small.engine.start_session("mlp", "digits")
+        assert small.engine.list_sessions() == []
+    finally:
+        small.stop()
+
+
+def test_start_rejects_unknown_device(two_devices):
+    with pytest.raises(NotFoundError, match="No device 'gpu:7'.*cpu:0, cpu:1"):
+        two_devices.engine.start_session("mlp", "digits", device="gpu:7")
+
+
+def test_pause_checkpoint_learning_rate_resume(two_devices):
+    engine = two_devices.engine
+    session = engine.start_session("mlp", "digits", epochs=LONG, batch_size=8, learning_rate=1e-3)
+    try:
+        wait_for_state(engine, session.id, {trainer_pb2.RUNNING})
+
+        engine.pause_session(session.id)
+        paused = wait_for_state(engine, session.id, {trainer_pb2.PAUSED}, timeout_s=60)
+        checkpoint_id = engine.checkpoint_session(session.id)
+        checkpoint = engine.get_parameter_set(checkpoint_id)
+        time.sleep(1.0)
+        still = engine.checkpoint_session(session.id)
+        assert engine.get_parameter_set(still).step == checkpoint.step
+        assert checkpoint.step >= paused.step
+        assert "checkpoint" in checkpoint.tags
+
+        updated = engine.update_hyperparameters(session.id, learning_rate=5e-4)
+        change = updated.history[-1]
+        assert (change.name, change.old_value, change.new_value) == ("learning_rate", 1e-3, 5e-4)
+        assert change.step == checkpoint.step
+        assert updated.hyperparameters.learning_rate == 5e-4
+
+        engine.resume_session(session.id)
+        wait_for_state(engine, session.id, {trainer_pb2.RUNNING}, timeout_s=60)
+        deadline = time.monotonic() + 60
+        while engine.get_session(session.id).step <= checkpoint.step and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert engine.get_session(session.id).step > checkpoint.step
+    finally:
+        stop_all(engine)
+
+
+def test_control_rejects_bad_requests(two_devices):
+    engine = two_devices.engine
+    session = engine.start_session("mlp", "digits", epochs=1, batch_size=64)
+    engine.wait_session(session.id, timeout_s=300)
+
+    with pytest.raises(FailedPreconditionError, match="already completed"):
+        engine.pause_session(session.id)
+    with pytest.raises(FailedPreconditionError, match="only a paused, suspended or interrupted"):
+        engine.resume_session(session.id)
+    with pytest.raises(FailedPreconditionError, match="already completed"):
+        engine.checkpoint_session(session.id)
+    with pytest.raises(InvalidArgumentError, match="learning_rate -0.5"):
+        engine.update_hyperparameters(session.id, learning_rate=-0.5)
+    with pytest.raises(NotFoundError):
+        engine.pause_session("s-000000000000")
+
+
+def test_suspend_frees_device_and_resume_continues(two_devices):
+    engine = two_devices.engine
+    session = engine.start_session("mlp", "digits", epochs=LONG, batch_size=8, device="cpu:0")
+    try:
+        wait_for_state(engine, session.id, {trainer_pb2.RUNNING})
+
+        engine.pause_session(session.id, release=True)
+        suspended = wait_for_state(engine, session.id, {trainer_pb2.SUSPENDED}, timeout_s=60)
+        assert wait_devices_free(engine).devices[0].memory_used_bytes == 0
+        saved = engine.get_parameter_set(suspended.last_parameter_set_id)
+
+        engine.resume_session(session.id)
+        resumed = wait_for_state(engine, session.id, {trainer_pb2.RUNNING}, timeout_s=120)
+        assert resumed.step >= saved.step
+        assert resumed.pid != suspended.pid
+    finally:
+        stop_all(engine)
+
+
+def final_trainable(engine, session) -> dict[str, np.ndarray]:
+    arrays = engine.load_parameter_set(session.last_parameter_set_id)
+    roles = {header.name: header.role for header in engine.get_parameter_set(session.last_parameter_set_id).arrays}
+    return {name: value for name, value in arrays.items() if roles[name] == "trainable"}
+
+
+def test_resume_matches_straight_run(two_devices):
+    engine = two_devices.engine
+    options = {"epochs": 4, "batch_size": 32, "learning_rate": 3e-3, "seed": 7, "statistics_every_steps": -1}
+    straight = engine.wait_session(engine.start_session("mlp", "digits", **options).id, timeout_s=300)
+    first_half = engine.wait_session(engine.start_session("mlp", "digits", **{**options, "epochs": 2}).id, timeout_s=300)
+
+    resumed = engine.wait_session(
+        engine.start_session("mlp", "digits", **options, resume_from=first_half.last_parameter_set_id).id,
+        timeout_s=300,
+    )
+
+    assert resumed.state == trainer_pb2.COMPLETED, resumed.error
+    assert resumed.resumed_from == first_half.last_parameter_set_id
+    assert [epoch.epoch for epoch in first_half.epochs] == [1, 2]
+    assert [epoch.epoch for epoch in resumed.epochs] == [3, 4]
+    steps = [epoch.step for epoch in [*first_half.epochs, *resumed.epochs]]
+    assert steps == [epoch.step for epoch in straight.epochs]
+    expected, actual = final_trainable(engine, straight), final_trainable(engine, resumed)
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        np.testing.assert_allclose(actual[name], expected[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_early_stopping_and_retention(two_devices):
+    engine = two_devices.engine
+    session = engine.start_session(
+        "mlp", "digits", epochs=50, batch_size=64, optimizer="sgd", learning_rate=1e-12,
+        monitor="val_accuracy", early_stopping_patience=2, keep_best=1, keep_latest=1,
+    )
+
+    final = engine.wait_session(session.id, timeout_s=300)
+
+    assert final.state == trainer_pb2.EARLY_STOPPED
+    assert len(final.epochs) == 3
+    remaining = {parameter_set.id for parameter_set in engine.list_parameter_sets(session_id=session.id)}
+    assert remaining == {final.best_parameter_set_id, final.last_parameter_set_id}
+    assert final.best_parameter_set_id == final.epochs[0].parameter_set_id
+
+
+def test_non_finite_loss_fails_with_step(two_devices):
+    engine = two_devices.engine
+    session = engine.start_session("mlp", "digits", epochs=5, batch_size=64, optimizer="sgd", learning_rate=1e30)
+
+    final = engine.wait_session(session.id, timeout_s=300)
+
+    assert final.state == trainer_pb2.FAILED
+    assert "step" in final.error
+    assert "last good parameter set" in final.error
+
+
+def test_interrupted_session_resumes_after_restart(tmp_path, compile_cache):
+    devices = cpu_devices(1, memory_budget_bytes=1 << 30)
+    first = Stack(tmp_path, compile_cache, devices=devices)
+    first.engine.upload_dataset("digits", digits_split())
+    first.engine.register_model("mlp", MODEL_SOURCE.read_text(), default_hyperparameters={"hidden_units": 32})
+    session = first.engine.start_session("mlp", "digits", epochs=LONG, batch_size=8)
+    wait_for_state(first.engine, session.id, {trainer_pb2.RUNNING})
+    first.stop()
+
+    second = Stack(tmp_path, compile_cache, devices=devices)
+    try:
+        interrupted = second.engine.get_session(session.id)
+        assert interrupted.state == trainer_pb2.INTERRUPTED
+        assert interrupted.last_parameter_set_id
+        checkpoint = second.engine.get_parameter_set(interrupted.last_parameter_set_id)
+
+        second.engine.resume_session(session.id)
+        resumed = wait_for_state(second.engine, session.id, {trainer_pb2.RUNNING}, timeout_s=120)
+        assert resumed.step >= checkpoint.step
+    finally:
+        stop_all(second.engine)
+        second.stop()
