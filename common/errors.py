@@ -70,12 +70,24 @@ class IntegrityError(EngineError):
     code = grpc.StatusCode.DATA_LOSS
 
 
+# A status message travels in a response header, and clients drop responses whose headers exceed
+# 16 KiB (gRPC's default), so a message that quotes a huge request is cut short.
+MAX_MESSAGE_CHARACTERS = 4096
+
+
+def _clip(message: str) -> str:
+    if len(message) <= MAX_MESSAGE_CHARACTERS:
+        return message
+    return f"{message[:MAX_MESSAGE_CHARACTERS]}... ({len(message) - MAX_MESSAGE_CHARACTERS} more characters)"
+
+
 def _abort(context: grpc.ServicerContext, method_name: str, error: Exception) -> None:
     if isinstance(error, EngineError):
-        logger.info("%s rejected with %s: %s", method_name, error.code.name, error)
-        context.abort(error.code, str(error))
+        message = _clip(str(error))
+        logger.info("%s rejected with %s: %s", method_name, error.code.name, message)
+        context.abort(error.code, message)
     logger.exception("%s failed with an unexpected error", method_name)
-    context.abort(grpc.StatusCode.INTERNAL, f"{method_name} failed: {type(error).__name__}: {error}")
+    context.abort(grpc.StatusCode.INTERNAL, _clip(f"{method_name} failed: {type(error).__name__}: {error}"))
 
 
 def grpc_errors(method):

@@ -57,8 +57,10 @@ def parse_ref(ref: str, *, kind: str) -> Ref:
     validate_name(name, kind=kind)
     if not separator:
         return Ref(name)
-    if not version_text.isdigit() or int(version_text) < 1:
+    # isdecimal, not isdigit: digits such as '²' pass isdigit but int() rejects them.
+    if not version_text.isascii() or not version_text.isdecimal() or int(version_text) < 1:
+        shown = repr(ref) if len(ref) <= MAX_NAME_LENGTH + 20 else f"{ref[: MAX_NAME_LENGTH + 20]!r}..."
         raise InvalidArgument(
-            f"Invalid {kind} reference {ref!r}: the version after '@' must be a positive integer, as in '{name}@1'."
+            f"Invalid {kind} reference {shown}: the version after '@' must be a positive integer, as in '{name}@1'."
         )
     return Ref(name, int(version_text))

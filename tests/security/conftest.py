@@ -118,3 +118,11 @@ def secure_stack(tmp_path_factory, development_tls, compile_cache, monkeypatch_m
 def monkeypatch_module():
     with pytest.MonkeyPatch.context() as patch:
         yield patch
+
+
+@pytest.fixture(scope="package")
+def registry_template(tmp_path_factory, compile_cache) -> pathlib.Path:
+    """A registry root with model 'digits' version 1, registered once for every test of this folder."""
+    from .services import register_template
+
+    return register_template(tmp_path_factory.mktemp("template") / "registry", compile_cache)
