@@ -152,7 +152,8 @@ class TrainerMetrics(Collector):
         self._lock = threading.Lock()
         self._sessions: dict[str, _SessionSeries] = {}
         self._devices: dict[str, _DeviceSeries] = {}
-        self._ended_total: dict[str, int] = {}
+        # Every final state starts at 0, so increase() sees the first session that ends in it.
+        self._ended_total: dict[str, int] = {trainer_pb2.SessionState.Name(state).lower(): 0 for state in FINAL_STATES}
         # Not registered on its own: collect() yields it after expiring sessions, so a scrape never
         # shows a histogram of a session whose other series are gone.
         self._step_duration = prometheus_client.Histogram(

@@ -284,6 +284,10 @@ class TestRetention:
         assert sample(registry, "lasagne_engine_parameter_l2_norm", layer="hidden", param="hidden_W") is None
         assert trainer_sample(registry, "lasagne_engine_trainer_sessions_ended_total", state="failed") == 1
 
+    def test_ended_counters_start_at_zero(self, registry, metrics):
+        for state in ("completed", "stopped", "early_stopped", "failed", "interrupted"):
+            assert trainer_sample(registry, "lasagne_engine_trainer_sessions_ended_total", state=state) == 0, state
+
     def test_final_state_update_ends(self, metrics, registry, clock):
         metrics.session_updated(make_session(trainer_pb2.INTERRUPTED))
         metrics.session_ended(make_session(trainer_pb2.INTERRUPTED))
