@@ -403,7 +403,9 @@ def command_plot_params(arguments) -> int:
         for parameter_set_id in ids:
             parameter_set = engine.get_parameter_set(parameter_set_id)
             names = weight_array_names({header.name: header.role for header in parameter_set.arrays})
-            loaded.append((parameter_set, engine.load_parameter_set(parameter_set_id, names=names)))
+            arrays = engine.load_parameter_set(parameter_set_id, names=names)
+            # Panels follow the order the session saved the arrays in: its model's list of trainable parameters.
+            loaded.append((parameter_set, {name: arrays[name] for name in names}))
     described = [f"{p.id} ({p.model}@{p.model_version}, epoch {p.epoch}, step {p.step})" for p, _ in loaded]
     if len(loaded) == 1:
         title = f"Weights of parameter set {described[0]}"
