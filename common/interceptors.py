@@ -196,10 +196,10 @@ class StreamLimitInterceptor(grpc.ServerInterceptor):
         self._open: collections.Counter = collections.Counter()
         self._rejections = _RepeatCounter()
 
-    def open_streams(self, peer: str) -> int:
-        """Return how many streaming calls ``peer`` has open."""
+    def open_streams(self, peer: str | None = None) -> int:
+        """Return how many streaming calls ``peer`` has open, or all clients together when it is None."""
         with self._lock:
-            return self._open[peer]
+            return self._open[peer] if peer is not None else sum(self._open.values())
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
