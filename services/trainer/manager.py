@@ -316,6 +316,8 @@ class SessionManager:
         )
         live = LiveSession(record=record, spec=spec, token=secrets.token_hex(16), estimated_bytes=estimate,
                            requested_device=request.device)
+        if start_from:
+            self._hold(start_from, session_id)
         with self._lock:
             self._records[session_id] = record
             self._live[session_id] = live
@@ -325,6 +327,19 @@ class SessionManager:
                     session_id, model.name, model.version, dataset.name, dataset.version, estimate)
         self._schedule()
         return self.get(session_id)
+
+    def _hold(self, parameter_set_id: str, session_id: str) -> None:
+        """Keep the registry from deleting a parameter set the session starts from while it runs."""
+        try:
+            self._engine.hold_parameter_set(parameter_set_id, session_id)
+        except Exception as error:  # noqa: BLE001 - the session can run without the hold
+            logger.warning("Session %s could not hold parameter set %s: %s", session_id, parameter_set_id, error)
+
+    def _release_holds(self, session_id: str) -> None:
+        try:
+            self._engine.release_parameter_set("", session_id)
+        except Exception as error:  # noqa: BLE001 - a hold left behind only blocks deleting that set
+            logger.warning("Session %s could not release its parameter set holds: %s", session_id, error)
 
     # Placement -----------------------------------------------------------------------------
 
@@ -534,6 +549,8 @@ class SessionManager:
             self._notify_metrics("session_report", snapshot, report)
         if ended:
             self._notify_metrics("session_ended", snapshot)
+            if snapshot.state in FINAL_STATES:
+                self._release_holds(session_id)
 
     def _apply_state(self, record: trainer_pb2.Session, change: trainer_pb2.WorkerStateChange) -> bool:
         """Apply a state change under the lock; return whether the session reached a final state."""
@@ -609,6 +626,7 @@ class SessionManager:
         self._notify_metrics("session_updated", snapshot)
         self._notify_metrics("session_ended", snapshot)
         self._devices_changed()
+        self._release_holds(session_id)
 
     # Queries ---------------------------------------------------------------------------------
 
@@ -739,6 +757,8 @@ class SessionManager:
             self._queue.append(session_id)
             self._store.put(record)
             self._publish(session_id, trainer_pb2.SessionEvent(state=record.state))
+        if resume_from:
+            self._hold(resume_from, session_id)
         logger.info("Session %s requeued to resume from parameter set %s at step %d", session_id, resume_from or "none", first_step)
         self._schedule()
         return self.get(session_id)

@@ -250,3 +250,20 @@ def test_interrupted_session_resumes_after_restart(tmp_path, compile_cache):
     finally:
         stop_all(second.engine)
         second.stop()
+
+
+def test_parameter_set_in_use_cannot_be_deleted(two_devices):
+    engine = two_devices.engine
+    seed_session = engine.wait_session(engine.start_session("mlp", "digits", epochs=1, batch_size=64).id, timeout_s=300)
+    start_from = seed_session.last_parameter_set_id
+    session = engine.start_session("mlp", "digits", epochs=LONG, batch_size=8, init_parameter_set=start_from)
+    try:
+        wait_for_state(engine, session.id, {trainer_pb2.RUNNING})
+
+        with pytest.raises(FailedPreconditionError, match=session.id):
+            engine.delete_parameter_set(start_from)
+    finally:
+        stop_all(engine)
+
+    engine.delete_parameter_set(start_from)
+    assert start_from not in {parameter_set.id for parameter_set in engine.list_parameter_sets()}
