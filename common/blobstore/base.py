@@ -89,6 +89,9 @@ class BlobStore(abc.ABC):
     def list(self, prefix: str) -> Iterator[str]:
         """Yield the keys of every committed object under ``prefix``, in sorted order."""
 
+    def close(self) -> None:
+        """Release the store's connections. The default implementation has none to release."""
+
     def abort_incomplete_writes(self, prefix: str, *, keep: Callable[[str], bool]) -> int:
         """Discard uncommitted writes under ``prefix``, except those whose key ``keep`` accepts.
 

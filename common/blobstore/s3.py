@@ -9,8 +9,8 @@ Every request is retried on its own, with exponential backoff and jitter, when t
 transient: a refused or dropped connection, a timeout, or a 5xx response such as ``SlowDown``. A
 failed part is sent again without resending the parts before it, and an interrupted download
 resumes at the byte where it stopped. Once the attempts run out, the store raises
-:class:`BlobStoreUnavailable`, and the services answer UNAVAILABLE until the storage is back. A
-full storage raises :class:`BlobStoreFull`, which they answer as RESOURCE_EXHAUSTED.
+:class:`BlobStoreUnavailable`, and the services return UNAVAILABLE until the storage is back. A
+full storage raises :class:`BlobStoreFull`, which they return as RESOURCE_EXHAUSTED.
 """
 
 import dataclasses
@@ -172,6 +172,7 @@ class S3BlobStore(BlobStore):
             ca_certs=_ca_certificates(),
             retries=urllib3.Retry(total=0, redirect=0, raise_on_status=False),
         )
+        self._http = http_client
         self.client = Minio(
             location.endpoint,
             secure=location.secure,
@@ -183,6 +184,10 @@ class S3BlobStore(BlobStore):
     def __repr__(self) -> str:
         scheme = "https" if self.location.secure else "http"
         return f"S3BlobStore({self.location.url!r} at {scheme}://{self.location.endpoint})"
+
+    def close(self) -> None:
+        """Close the pooled connections; later requests open new ones."""
+        self._http.clear()
 
     # Setup --------------------------------------------------------------------------------------
 
