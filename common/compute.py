@@ -18,17 +18,23 @@ JAX_TRUNCATION_WARNING = r"Explicitly requested dtype .* is not available"
 
 
 def compute_environment(
-    compile_cache: pathlib.Path, *, backend: str = "default", base: dict[str, str] | None = None
+    compile_cache: pathlib.Path,
+    *,
+    backend: str = "default",
+    base: dict[str, str] | None = None,
+    create_cache: bool = True,
 ) -> dict[str, str]:
     """Return ``base`` (default ``os.environ``) with the PyTensor and JAX settings for ``backend``.
 
     PyTensor keeps its Numba cache under ``base_compiledir``; JAX keeps compiled XLA programs in
-    its persistent compilation cache. Both point into ``compile_cache``.
+    its persistent compilation cache. Both point into ``compile_cache``, which is created here
+    unless ``create_cache`` is false, as for a folder that exists only inside a container.
     """
     if backend not in BACKENDS:
         raise ValueError(f"Unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
     environment = dict(os.environ if base is None else base)
-    compile_cache.mkdir(parents=True, exist_ok=True)
+    if create_cache:
+        compile_cache.mkdir(parents=True, exist_ok=True)
     flags = [f"floatX={FLOAT_DTYPE}", f"base_compiledir={compile_cache / 'pytensor'}"]
     if backend == "jax":
         flags.append("mode=JAX")

@@ -58,6 +58,41 @@ def start_metrics(
     return metrics
 
 
+def place_sessions(
+    *,
+    compile_cache: pathlib.Path,
+    python_executable: str,
+    devices: list[DeviceInfo] | None,
+    backend: str,
+):
+    """Return the launcher, devices and backend that ``$LASAGNE_ENGINE_LAUNCHER`` selects.
+
+    ``local`` (the default) starts session processes on this host's devices. ``kubernetes`` runs
+    each session as a Job and treats the cluster as the devices ``k8s:0`` .. ``k8s:N-1``, with
+    JAX as the ``auto`` backend when the pods get GPUs; see
+    :mod:`lasagne_engine.trainer.kubernetes_launcher` for its settings.
+
+    Raises
+    ------
+    ValueError
+        If the variable names another launcher, or the Kubernetes settings are invalid.
+    """
+    kind = os.environ.get("LASAGNE_ENGINE_LAUNCHER", "") or "local"
+    if kind == "local":
+        launcher = LocalLauncher(compile_cache=compile_cache, python_executable=python_executable)
+        return launcher, devices or discover_devices(), backend
+    if kind == "kubernetes":
+        from lasagne_engine.trainer import kubernetes_launcher
+
+        settings = kubernetes_launcher.KubernetesSettings.from_env()
+        return (
+            kubernetes_launcher.KubernetesLauncher(settings),
+            devices or kubernetes_launcher.kubernetes_devices(settings),
+            kubernetes_launcher.session_backend(settings, backend),
+        )
+    raise ValueError(f"LASAGNE_ENGINE_LAUNCHER={kind!r} must be local or kubernetes.")
+
+
 def add_trainer(
     server: rpc.Server,
     *,
@@ -73,13 +108,20 @@ def add_trainer(
 ) -> TrainerServicer:
     """Add the Trainer service to ``server``; session processes attach back to its address.
 
-    ``devices`` defaults to the discovered GPUs, or else one CPU device per core; ``backend`` to
+    ``devices`` defaults to the discovered GPUs, or else one CPU device per core, or with the
+    Kubernetes launcher to its session slots (see :func:`place_sessions`); ``backend`` to
     ``$LASAGNE_ENGINE_BACKEND`` or ``auto``; ``statistics_every_steps`` to
     ``$LASAGNE_ENGINE_STATISTICS_EVERY_STEPS`` or 50. Prometheus metrics are served on the
     server's host at ``metrics_port``, as :func:`start_metrics` describes.
     """
     if statistics_every_steps is None:
         statistics_every_steps = int(os.environ.get("LASAGNE_ENGINE_STATISTICS_EVERY_STEPS", "50"))
+    launcher, devices, backend = place_sessions(
+        compile_cache=compile_cache,
+        python_executable=python_executable,
+        devices=devices,
+        backend=backend or os.environ.get("LASAGNE_ENGINE_BACKEND", "auto"),
+    )
     metrics = start_metrics(server.address, port=metrics_port)
     try:
         manager = SessionManager(
@@ -87,9 +129,9 @@ def add_trainer(
             registry_address=registry_address,
             data_address=data_address,
             trainer_address=_reachable(server.address),
-            launcher=LocalLauncher(compile_cache=compile_cache, python_executable=python_executable),
-            devices=devices or discover_devices(),
-            backend=backend or os.environ.get("LASAGNE_ENGINE_BACKEND", "auto"),
+            launcher=launcher,
+            devices=devices,
+            backend=backend,
             statistics_every_steps=statistics_every_steps,
             metrics=metrics,
         )

@@ -1,0 +1,110 @@
+import pathlib
+
+import pytest
+
+from lasagne_engine.trainer import devices
+from lasagne_engine.trainer.devices import backend_for, cpu_devices, discover_devices, discover_gpus, estimate_session_bytes
+from lasagne_engine.trainer.launcher import LaunchRequest, LocalLauncher
+
+
+@pytest.fixture
+def no_nvidia_smi(monkeypatch):
+    monkeypatch.setattr(devices.shutil, "which", lambda name: None)
+
+
+def test_visible_gpus_become_devices(monkeypatch, no_nvidia_smi):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    monkeypatch.setenv("LASAGNE_ENGINE_GPU_MEMORY_BYTES", str(80 << 30))
+    monkeypatch.setenv("LASAGNE_ENGINE_GPU_RESERVE_BYTES", str(2 << 30))
+
+    found = discover_gpus()
+
+    assert [device.name for device in found] == ["gpu:2", "gpu:3"]
+    assert all(device.kind == "gpu" for device in found)
+    assert found[0].memory_budget_bytes == 78 << 30
+    assert found[0].cpu_core is None
+
+
+@pytest.mark.parametrize("visible", ["", "-1"], ids=["empty", "minus-one"])
+def test_hidden_gpus_fall_back_to_cpus(monkeypatch, no_nvidia_smi, visible):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    monkeypatch.setenv("LASAGNE_ENGINE_CPU_DEVICES", "3")
+    monkeypatch.setenv("LASAGNE_ENGINE_CPU_DEVICE_MEMORY_BYTES", str(1 << 30))
+
+    found = discover_devices()
+
+    assert [device.name for device in found] == ["cpu:0", "cpu:1", "cpu:2"]
+    assert {device.memory_budget_bytes for device in found} == {1 << 30}
+    assert all(device.cpu_core is not None for device in found)
+
+
+def test_cpu_device_count_must_be_positive(monkeypatch, no_nvidia_smi):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setenv("LASAGNE_ENGINE_CPU_DEVICES", "0")
+
+    with pytest.raises(ValueError, match="LASAGNE_ENGINE_CPU_DEVICES=0"):
+        discover_devices()
+
+
+@pytest.mark.parametrize(
+    ("device", "configured", "expected"),
+    [("gpu:0", "auto", "jax"), ("cpu:1", "auto", "default"), ("cpu:0", "jax", "jax"), ("gpu:1", "default", "default")],
+)
+def test_backend_for_device(device, configured, expected):
+    assert backend_for(device, configured) == expected
+
+
+def test_backend_setting_is_checked():
+    with pytest.raises(ValueError, match="LASAGNE_ENGINE_BACKEND='cuda'"):
+        backend_for("gpu:0", "cuda")
+
+
+def launch_request(device: str, cpu_core: int | None) -> LaunchRequest:
+    return LaunchRequest(session_id="s-1", token="secret", trainer_address="127.0.0.1:1", device=device,
+                         backend=backend_for(device), working_dir=pathlib.Path("/tmp"), cpu_core=cpu_core)
+
+
+def test_gpu_session_sees_only_its_gpu(tmp_path):
+    launcher = LocalLauncher(compile_cache=tmp_path)
+
+    environment = launcher.environment(launch_request("gpu:3", None))
+
+    assert environment["CUDA_VISIBLE_DEVICES"] == "3"
+    assert "mode=JAX" in environment["PYTENSOR_FLAGS"]
+    assert environment["LASAGNE_ENGINE_WORKER_TOKEN"] == "secret"
+    assert "-m" in launcher.command(launch_request("gpu:3", None))
+
+
+def test_cpu_session_is_pinned_and_sees_no_gpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-for-sessions")
+    launcher = LocalLauncher(compile_cache=tmp_path)
+    request = launch_request("cpu:1", 1)
+
+    environment = launcher.environment(request)
+    command = launcher.command(request)
+
+    assert environment["CUDA_VISIBLE_DEVICES"] == ""
+    assert environment["JAX_PLATFORMS"] == "cpu"
+    assert environment["OMP_NUM_THREADS"] == "1"
+    assert "mode=JAX" not in environment["PYTENSOR_FLAGS"]
+    assert "AWS_SECRET_ACCESS_KEY" not in environment
+    assert command[1] == "-c"
+    assert "sched_setaffinity" in command[2]
+    assert command[3] == "1"
+
+
+def test_estimate_counts_optimizer_slots():
+    common = {"dataset_bytes": 1000, "parameter_bytes": 100, "batch_size": 10, "example_bytes": 4, "output_bytes": 4}
+
+    sgd = estimate_session_bytes(optimizer="sgd", **common)
+    adam = estimate_session_bytes(optimizer="adam", **common)
+
+    assert adam - sgd == 200
+    assert sgd > 1000 + 100
+
+
+def test_cpu_devices_cycle_over_cores():
+    made = cpu_devices(5, memory_budget_bytes=1)
+
+    assert [device.name for device in made] == [f"cpu:{index}" for index in range(5)]
+    assert len({device.cpu_core for device in made}) == min(5, len(__import__("os").sched_getaffinity(0)))
