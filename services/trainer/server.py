@@ -70,7 +70,7 @@ def place_sessions(
     ``local`` (the default) starts session processes on this host's devices. ``kubernetes`` runs
     each session as a Job and treats the cluster as the devices ``k8s:0`` .. ``k8s:N-1``, with
     JAX as the ``auto`` backend when the pods get GPUs; see
-    :mod:`lasagne_engine.trainer.kubernetes_launcher` for its settings.
+    :mod:`lasagne_engine.trainer.kubernetes_jobs` for its settings.
 
     Raises
     ------
@@ -82,14 +82,12 @@ def place_sessions(
         launcher = LocalLauncher(compile_cache=compile_cache, python_executable=python_executable)
         return launcher, devices or discover_devices(), backend
     if kind == "kubernetes":
-        from lasagne_engine.trainer import kubernetes_launcher
+        from lasagne_engine.trainer.kubernetes_jobs import KubernetesSettings, kubernetes_devices, session_backend
+        from lasagne_engine.trainer.kubernetes_launcher import KubernetesLauncher
 
-        settings = kubernetes_launcher.KubernetesSettings.from_env()
-        return (
-            kubernetes_launcher.KubernetesLauncher(settings),
-            devices or kubernetes_launcher.kubernetes_devices(settings),
-            kubernetes_launcher.session_backend(settings, backend),
-        )
+        settings = KubernetesSettings.from_env()
+        launcher = KubernetesLauncher(settings)
+        return launcher, devices or kubernetes_devices(settings), session_backend(settings, backend)
     raise ValueError(f"LASAGNE_ENGINE_LAUNCHER={kind!r} must be local or kubernetes.")
 
 

@@ -8,19 +8,19 @@ import time
 import pytest
 
 from lasagne_engine.security import ClientSecurity
-from lasagne_engine.trainer.kubernetes_launcher import (
+from lasagne_engine.trainer.kubernetes_jobs import (
+    COMPILE_CACHE_DIR,
     CONTAINER_NAME,
     DEFAULT_GPU_MEMORY_BYTES,
     JOB_LABEL,
-    KubernetesLauncher,
     KubernetesSettings,
-    LaunchError,
     job_manifest,
     kubernetes_devices,
     quantity_bytes,
     secret_manifest,
     session_backend,
 )
+from lasagne_engine.trainer.kubernetes_launcher import KubernetesLauncher, LaunchError
 from lasagne_engine.trainer.launcher import LaunchRequest
 from tests.trainer.kubernetes_stand_in import StandInApi, validate_manifest
 
@@ -518,7 +518,6 @@ def trainer_on_stand_in(api, kubeconfig, tmp_path, compile_cache, monkeypatch):
     from lasagne_engine.data_service import add_data_service
     from lasagne_engine.model_registry import add_model_registry
     from lasagne_engine.trainer import add_trainer
-    from lasagne_engine.trainer.kubernetes_launcher import COMPILE_CACHE_DIR
     from tests.trainer.kubernetes_stand_in import LocalKubelet
 
     LocalKubelet(api, tmp_path / "kubelet", mounts={COMPILE_CACHE_DIR: compile_cache})
@@ -558,7 +557,6 @@ def jobs_of(api: StandInApi, session_id: str) -> list[str]:
 @pytest.mark.slow
 def test_trainer_controls_sessions_in_jobs(api, trainer_on_stand_in):
     from lasagne_engine.client.demo import MODEL_SOURCE, digits_split
-    from lasagne_engine.trainer.kubernetes_launcher import KubernetesLauncher
     from lasagne_engine.v1 import trainer_pb2
     from tests.trainer.test_sessions import wait_for_state
 
