@@ -994,7 +994,9 @@ class Engine:
 
     # Storage
 
-    def collect_garbage(self, *, dry_run: bool = False) -> dict[str, storage_pb2.CollectGarbageResponse]:
+    def collect_garbage(
+        self, *, dry_run: bool = False, services: Sequence[str] = ("registry", "data")
+    ) -> dict[str, storage_pb2.CollectGarbageResponse]:
         """Ask the registry and the data service to remove orphan blobs and retry failed blob deletions.
 
         Orphan blobs are those that no metadata refers to, which a service that stopped mid-upload
@@ -1004,23 +1006,28 @@ class Engine:
         ----------
         dry_run : bool
             Only count what would be removed. Default False.
+        services : sequence of str
+            The services to ask, among ``"registry"`` and ``"data"``. Default both.
 
         Returns
         -------
         dict of str to lasagne_engine.v1.storage_pb2.CollectGarbageResponse
-            The report of each service, under ``"registry"`` and ``"data"``.
+            The report of each service, under its name.
 
         Raises
         ------
+        ValueError
+            If ``services`` names another service.
         UnavailableError
             If a service or its blob store cannot be reached.
         EngineError
             For any other failure of a call.
         """
+        unknown = sorted(set(services) - {"registry", "data"})
+        if unknown:
+            raise ValueError(f"Unknown services {unknown} for collect_garbage; choose from 'registry' and 'data'.")
         request = storage_pb2.CollectGarbageRequest(dry_run=dry_run)
-        return {
-            service: self._call(self._stub(service).CollectGarbage, request) for service in ("registry", "data")
-        }
+        return {service: self._call(self._stub(service).CollectGarbage, request) for service in services}
 
     # Training sessions
 

@@ -1,0 +1,336 @@
+"""The data service and the registry on each blob store backend, through real servers and the SDK."""
+
+import contextlib
+import sqlite3
+import threading
+import uuid
+
+import grpc
+import numpy as np
+import pytest
+
+from lasagne_engine.client import Engine, FailedPreconditionError, NotFoundError, UnavailableError
+from lasagne_engine.config import StreamLimits
+from lasagne_engine.data_service import create_server as create_data_server
+from lasagne_engine.model_registry import create_server as create_registry_server
+from lasagne_engine.v1 import data_service_pb2, data_service_pb2_grpc, storage_pb2
+
+from .conftest import FAST_BACKOFF_S
+from .faulty_proxy import Fail, FaultyProxy
+
+# Larger than one S3 part of 5 MiB, so that the S3 backend stores it in a multipart upload.
+LARGE_SHAPE = (768, 1024)
+PART_BYTES = 5 << 20
+
+
+@contextlib.contextmanager
+def data_service(root, blob_store, *, limits: StreamLimits | None = None):
+    server = create_data_server("127.0.0.1:0", root=root, blob_store=blob_store, limits=limits or StreamLimits()).start()
+    engine = Engine(data_address=server.address, registry_address="127.0.0.1:1", trainer_address="127.0.0.1:1")
+    try:
+        yield engine
+    finally:
+        engine.close()
+        server.stop(grace_s=None)
+
+
+@contextlib.contextmanager
+def registry(root, blob_store, compile_cache):
+    server = create_registry_server(
+        "127.0.0.1:0", root=root, blob_store=blob_store, compile_cache=compile_cache, limits=StreamLimits()
+    ).start()
+    engine = Engine(registry_address=server.address, data_address="127.0.0.1:1", trainer_address="127.0.0.1:1")
+    try:
+        yield engine
+    finally:
+        engine.close()
+        server.stop(grace_s=None)
+
+
+def seed_registry(template, root, blob_store) -> None:
+    """Copy the template's database to ``root`` and its blobs into ``blob_store``."""
+    root.mkdir(parents=True)
+    with contextlib.closing(sqlite3.connect(template / "registry.sqlite3")) as original:
+        with contextlib.closing(sqlite3.connect(root / "registry.sqlite3")) as copy:
+            original.backup(copy)
+    for path in (template / "blobs").rglob("*"):
+        if path.is_file() and ".incoming" not in path.parts:
+            blob_store.put_bytes(path.relative_to(template / "blobs").as_posix(), path.read_bytes())
+
+
+def dataset_arrays(seed: int = 0) -> dict[str, np.ndarray]:
+    generator = np.random.default_rng(seed)
+    return {
+        "X": generator.standard_normal(LARGE_SHAPE).astype(np.float32),
+        "y": generator.integers(0, 10, size=LARGE_SHAPE[0]).astype(np.int64),
+        "scalar": np.array(3.5),
+    }
+
+
+@pytest.fixture
+def proxied_s3_store(s3_server):
+    """An S3 store whose requests pass a fault-injecting proxy; yields ``(store, proxy)``."""
+    proxy = FaultyProxy(s3_server.endpoint).start()
+    store = s3_server.store(endpoint=proxy.endpoint, part_bytes=PART_BYTES, backoff_s=FAST_BACKOFF_S, max_attempts=2)
+    yield store, proxy
+    store.close()
+    proxy.stop()
+
+
+class TestDataService:
+    def test_roundtrip(self, make_blob_store, tmp_path):
+        store = make_blob_store(part_bytes=PART_BYTES)
+        arrays = dataset_arrays()
+
+        with data_service(tmp_path / "data", store) as engine:
+            version = engine.upload_dataset("digits", arrays)
+            loaded = engine.load_dataset("digits@1")
+
+        assert version.version == 1
+        for name, array in arrays.items():
+            np.testing.assert_array_equal(loaded[name], array)
+            assert loaded[name].dtype == array.dtype
+        keys = list(store.list("datasets/"))
+        assert [key.rsplit("/", 1)[1] for key in keys] == ["X", "scalar", "y"]
+
+    def test_disconnect_mid_upload_leaves_nothing(self, make_blob_store, tmp_path):
+        store = make_blob_store(part_bytes=PART_BYTES)
+        X = dataset_arrays()["X"]
+        sent_half = threading.Event()
+
+        def frames():
+            yield data_service_pb2.UploadDatasetRequest(info=data_service_pb2.DatasetInfo(name="cut"))
+            yield data_service_pb2.UploadDatasetRequest(
+                header={"name": "X", "dtype": X.dtype.str, "shape": list(X.shape), "nbytes": X.nbytes}
+            )
+            raw = X.tobytes()
+            for offset in range(0, len(raw) // 2, 1 << 20):
+                yield data_service_pb2.UploadDatasetRequest(chunk=raw[offset : offset + (1 << 20)])
+            sent_half.set()
+            threading.Event().wait(30)
+
+        with data_service(tmp_path / "data", store) as engine:
+            channel = grpc.insecure_channel(engine.addresses.data)
+            future = data_service_pb2_grpc.DataServiceStub(channel).UploadDataset.future(frames(), timeout=60)
+            assert sent_half.wait(30)
+            future.cancel()
+            channel.close()
+
+            # The server aborts the upload once it notices the cancellation.
+            for _ in range(200):
+                if not list(store.list("datasets/")):
+                    break
+                threading.Event().wait(0.05)
+            with pytest.raises(NotFoundError):
+                engine.list_datasets("cut")
+
+        assert list(store.list("datasets/")) == []
+        assert store.abort_incomplete_writes("datasets/", keep=lambda key: False) == 0
+
+    def test_delete_removes_blobs(self, make_blob_store, tmp_path):
+        store = make_blob_store()
+        with data_service(tmp_path / "data", store) as engine:
+            engine.upload_dataset("d", {"x": np.arange(10)})
+            engine.upload_dataset("d", {"x": np.arange(20)})
+
+            assert engine.delete_dataset("d@1") == [1]
+            assert len(list(store.list("datasets/"))) == 1
+            assert engine.delete_dataset("d@1", allow_missing=True) == []
+            assert engine.delete_dataset("d") == [2]
+
+        assert list(store.list("datasets/")) == []
+
+    def test_orphans_removed_at_start_and_by_gc(self, make_blob_store, tmp_path):
+        store = make_blob_store()
+        orphan_at_start = f"datasets/d/{uuid.uuid4().hex}/x"
+        store.put_bytes(orphan_at_start, b"left by a crash")
+
+        with data_service(tmp_path / "data", store) as engine:
+            assert list(store.list("datasets/")) == []
+            engine.upload_dataset("d", {"x": np.arange(4)})
+            orphan = f"datasets/d/{uuid.uuid4().hex}/x"
+            store.put_bytes(orphan, b"left by a crash")
+
+            counted = _data_gc(engine, dry_run=True)
+            assert counted.orphan_blobs == 1
+            assert orphan in list(store.list("datasets/"))
+            report = _data_gc(engine)
+
+            assert report.orphan_blobs == 1
+            assert report.pending_deletions_remaining == 0
+            assert orphan not in list(store.list("datasets/"))
+            np.testing.assert_array_equal(engine.load_dataset("d")["x"], np.arange(4))
+
+    def test_gc_spares_uploads_in_progress(self, make_blob_store, tmp_path):
+        from lasagne_engine.arrays import header_for
+        from lasagne_engine.data_service import DatasetStore
+
+        store = make_blob_store(part_bytes=PART_BYTES)
+        datasets = DatasetStore(tmp_path / "data", blob_store=store)
+        first = np.arange(5)
+        with datasets.begin_upload("d") as upload:
+            upload.start_array(header_for("a", first))
+            upload.write(first.tobytes())
+            upload.start_array(header_for("b", first))
+            upload.write(first.tobytes())
+
+            report = datasets.collect_garbage()
+
+            assert report.orphan_blobs == 0
+            assert report.incomplete_writes == 0
+            upload.commit()
+
+        assert datasets.describe("d").version == 1
+        assert len(list(store.list("datasets/"))) == 2
+
+    def test_fifty_concurrent_uploads(self, make_blob_store, tmp_path):
+        store = make_blob_store()
+        versions: list[int] = []
+        errors: list[BaseException] = []
+
+        # One client sends all 50 streams over one connection, beyond the default limit of 32 per client.
+        with data_service(tmp_path / "data", store, limits=StreamLimits(max_streams_per_client=64)) as engine:
+
+            def upload(index: int) -> None:
+                try:
+                    versions.append(engine.upload_dataset("shared", {"x": np.full(100, index)}).version)
+                except BaseException as error:  # noqa: BLE001 - reported by the assert below
+                    errors.append(error)
+
+            threads = [threading.Thread(target=upload, args=(index,)) for index in range(50)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=120)
+
+            assert errors == []
+            assert sorted(versions) == list(range(1, 51))
+            listed = engine.list_datasets("shared")
+
+        assert [version.version for version in listed] == list(range(1, 51))
+        assert len(list(store.list("datasets/"))) == 50
+
+
+class TestDataServiceOnFailingStorage:
+    def test_unavailable_then_recovers(self, proxied_s3_store, tmp_path):
+        store, proxy = proxied_s3_store
+        with data_service(tmp_path / "data", store) as engine:
+            proxy.policy = lambda request: Fail(503, "ServiceUnavailable") if request.method == "PUT" else None
+
+            with pytest.raises(UnavailableError, match=r"failed to store 'datasets/d/[0-9a-f]+/x' after 2 attempts"):
+                engine.upload_dataset("d", {"x": np.arange(10)})
+            proxy.policy = lambda request: None
+            version = engine.upload_dataset("d", {"x": np.arange(10)})
+
+        assert version.version == 1
+        assert len(list(store.list("datasets/"))) == 1
+
+    def test_failed_blob_delete_retried_by_gc(self, proxied_s3_store, tmp_path):
+        store, proxy = proxied_s3_store
+        with data_service(tmp_path / "data", store) as engine:
+            engine.upload_dataset("d", {"x": np.arange(10), "y": np.arange(3)})
+            proxy.policy = lambda request: Fail(503, "ServiceUnavailable") if request.method == "DELETE" else None
+
+            assert engine.delete_dataset("d") == [1]
+            assert len(list(store.list("datasets/"))) == 2
+            still_down = _data_gc(engine)
+            proxy.policy = lambda request: None
+            report = _data_gc(engine)
+
+        assert still_down.pending_deletions_remaining == 2
+        assert report.pending_deletions_completed == 2
+        assert report.pending_deletions_remaining == 0
+        assert list(store.list("datasets/")) == []
+
+    def test_failed_blob_delete_retried_at_start(self, proxied_s3_store, tmp_path):
+        store, proxy = proxied_s3_store
+        with data_service(tmp_path / "data", store) as engine:
+            engine.upload_dataset("d", {"x": np.arange(10)})
+            proxy.policy = lambda request: Fail(503, "ServiceUnavailable") if request.method == "DELETE" else None
+            engine.delete_dataset("d")
+        proxy.policy = lambda request: None
+
+        with data_service(tmp_path / "data", store):
+            assert list(store.list("datasets/")) == []
+
+
+class TestRegistry:
+    @pytest.fixture
+    def registry_engine(self, make_blob_store, registry_template, compile_cache, tmp_path):
+        store = make_blob_store(part_bytes=PART_BYTES)
+        seed_registry(registry_template, tmp_path / "registry", store)
+        with registry(tmp_path / "registry", store, compile_cache) as engine:
+            yield engine, store
+
+    def test_parameter_set_roundtrip(self, registry_engine):
+        engine, store = registry_engine
+        arrays = {"W": dataset_arrays()["X"], "b": np.ones(1024, dtype=np.float32)}
+
+        saved = engine.save_parameter_set("digits", arrays, roles={"W": "trainable", "b": "trainable"})
+        loaded = engine.load_parameter_set(saved.id)
+
+        for name, array in arrays.items():
+            np.testing.assert_array_equal(loaded[name], array)
+        assert list(store.list("parameter-sets/")) == [f"parameter-sets/{saved.id}/W", f"parameter-sets/{saved.id}/b"]
+
+    def test_held_set_cannot_be_deleted(self, registry_engine):
+        engine, store = registry_engine
+        saved = engine.save_parameter_set("digits", {"w": np.ones(3)})
+
+        hold = engine.hold_parameter_set(saved.id, "s-running")
+        again = engine.hold_parameter_set(saved.id, "s-running")
+        engine.hold_parameter_set(saved.id, "s-other")
+
+        assert hold.created_at == again.created_at
+        assert list(engine.get_parameter_set(saved.id).held_by) == ["s-other", "s-running"]
+        with pytest.raises(FailedPreconditionError, match=rf"{saved.id} by session 's-other', 's-running'") as raised:
+            engine.delete_parameter_set(saved.id)
+        assert raised.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert engine.release_parameter_set(saved.id, "s-running") == 1
+        assert engine.release_parameter_set("", "s-other") == 1
+        assert engine.release_parameter_set(saved.id, "s-other") == 0
+        assert engine.delete_parameter_set(saved.id) is True
+        assert engine.delete_parameter_set(saved.id, allow_missing=True) is False
+        assert list(store.list("parameter-sets/")) == []
+
+    def test_hold_missing_set(self, registry_engine):
+        engine, _ = registry_engine
+
+        with pytest.raises(NotFoundError, match="No parameter set with id 'ps-000000000000' to hold for session 's-1'"):
+            engine.hold_parameter_set("ps-000000000000", "s-1")
+
+    def test_delete_model_needs_force(self, registry_engine):
+        engine, store = registry_engine
+        saved = engine.save_parameter_set("digits", {"w": np.ones(3)})
+
+        with pytest.raises(FailedPreconditionError, match=rf"Model 'digits@1' still has 1 parameter sets \({saved.id}\)"):
+            engine.delete_model("digits@1")
+        engine.hold_parameter_set(saved.id, "s-1")
+        with pytest.raises(FailedPreconditionError, match="by session 's-1'"):
+            engine.delete_model("digits@1", force=True)
+        engine.release_parameter_set(saved.id, "s-1")
+        deleted = engine.delete_model("digits@1", force=True)
+
+        assert list(deleted.deleted_versions) == [1]
+        assert list(deleted.deleted_parameter_sets) == [saved.id]
+        assert list(store.list("")) == []
+        with pytest.raises(NotFoundError):
+            engine.get_model("digits")
+        assert list(engine.delete_model("digits", allow_missing=True).deleted_versions) == []
+
+    def test_gc_removes_orphans(self, registry_engine):
+        engine, store = registry_engine
+        saved = engine.save_parameter_set("digits", {"w": np.ones(3)})
+        store.put_bytes("parameter-sets/ps-0123456789ab/w", b"left by a crash")
+        store.put_bytes("models/digits/7.py", b"left by a crash")
+
+        counted = engine.collect_garbage(dry_run=True, services=["registry"])["registry"]
+        report = engine.collect_garbage(services=["registry"])["registry"]
+
+        assert counted.orphan_blobs == 2
+        assert report.orphan_blobs == 2
+        assert sorted(store.list("")) == ["models/digits/1.py", f"parameter-sets/{saved.id}/w"]
+
+
+def _data_gc(engine: Engine, *, dry_run: bool = False) -> storage_pb2.CollectGarbageResponse:
+    return engine.collect_garbage(dry_run=dry_run, services=["data"])["data"]
