@@ -17,11 +17,11 @@ from lasagne_engine.security import ClientSecurity, ServerSecurity
 from lasagne_engine.trainer import add_trainer
 from lasagne_engine.trainer.devices import cpu_devices
 
-# The CI profile keeps the property-based tests of this folder to about two minutes on 2 cores;
+# The CI profile keeps the property-based tests of this folder to under a minute on 2 cores;
 # "thorough" runs ten times as many examples, for a run by hand before a release.
 settings.register_profile(
     "ci",
-    max_examples=40,
+    max_examples=100,
     deadline=None,
     database=None,
     derandomize=True,
