@@ -51,7 +51,7 @@ def resolve_target(target: str, service: str | None = None) -> tuple[str, str]:
     return reachable_address(target), service or ""
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lasagne-engine-healthcheck",
         description="Exit 0 when a LasagneEngine service reports SERVING through grpc.health.v1, else 1.",
@@ -65,6 +65,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--timeout-s", type=float, default=DEFAULT_TIMEOUT_S, help=f"deadline of the check in seconds (default {DEFAULT_TIMEOUT_S:g})"
     )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
     arguments = parser.parse_args(argv)
     if arguments.timeout_s <= 0:
         parser.error(f"--timeout-s {arguments.timeout_s!r} must be a positive number of seconds")
