@@ -153,9 +153,10 @@ class Engine:
         ``config.toml`` in ``$LASAGNE_ENGINE_HOME`` or ``~/.lasagne-engine``; a missing file is empty.
     max_retries : int
         Retries of a call that fails with UNAVAILABLE, for calls that are safe to repeat: the
-        List, Get, Describe, Download, Load and Watch calls and tag_parameter_set. The waits
-        double from about 0.25 s to at most 4 s, within the call's ``timeout_s``. Uploads,
-        saves, registrations and deletions are not retried. Default 5.
+        list, get and describe calls, tag_parameter_set, and downloads and loads, which resume
+        or start again. The waits double from about 0.25 s to at most 4 s, within the call's
+        ``timeout_s``. Uploads, saves, registrations, deletions and watches are not retried;
+        wait_session watches again by itself. Default 5.
 
     Attributes
     ----------
