@@ -105,9 +105,14 @@ class LocalLauncher:
     compute library loads; a process on a CPU device sees no GPU.
     """
 
-    def __init__(self, *, compile_cache: pathlib.Path, python_executable: str = sys.executable):
+    def __init__(
+        self, *, compile_cache: pathlib.Path, python_executable: str = sys.executable,
+        data_cache: pathlib.Path | None = None,
+    ):
         self.compile_cache = compile_cache
         self.python_executable = python_executable
+        # Dataset cache shared by the sessions of this host; None leaves the session's default.
+        self.data_cache = data_cache
 
     def environment(self, request: LaunchRequest) -> dict[str, str]:
         base = {key: value for key, value in os.environ.items() if not key.startswith(_WITHHELD_PREFIXES)}
@@ -123,6 +128,8 @@ class LocalLauncher:
             for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
                 environment[variable] = "1"
             environment["XLA_FLAGS"] = (environment.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
+        if self.data_cache is not None:
+            environment.setdefault("LASAGNE_ENGINE_DATA_CACHE", str(self.data_cache))
         environment[TOKEN_VARIABLE] = request.token
         # The session saves parameter sets and attaches back to the trainer, so it gets the
         # trainer's own token and TLS files, and no config file with the server's tokens.

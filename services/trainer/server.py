@@ -64,6 +64,7 @@ def place_sessions(
     python_executable: str,
     devices: list[DeviceInfo] | None,
     backend: str,
+    data_cache: pathlib.Path | None = None,
 ):
     """Return the launcher, devices and backend that ``$LASAGNE_ENGINE_LAUNCHER`` selects.
 
@@ -79,7 +80,9 @@ def place_sessions(
     """
     kind = os.environ.get("LASAGNE_ENGINE_LAUNCHER", "") or "local"
     if kind == "local":
-        launcher = LocalLauncher(compile_cache=compile_cache, python_executable=python_executable)
+        launcher = LocalLauncher(
+            compile_cache=compile_cache, python_executable=python_executable, data_cache=data_cache,
+        )
         return launcher, devices or discover_devices(), backend
     if kind == "kubernetes":
         from lasagne_engine.trainer.kubernetes_jobs import KubernetesSettings, kubernetes_devices, session_backend
@@ -119,6 +122,8 @@ def add_trainer(
         python_executable=python_executable,
         devices=devices,
         backend=backend or os.environ.get("LASAGNE_ENGINE_BACKEND", "auto"),
+        # Next to the trainer's folder, where default_cache_root(home) puts it for <home>/trainer.
+        data_cache=root.parent / "cache" / "datasets",
     )
     metrics = start_metrics(server.address, port=metrics_port)
     try:

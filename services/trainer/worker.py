@@ -20,6 +20,7 @@ from google.protobuf import json_format
 from lasagne_engine import rpc
 from lasagne_engine.security import ClientSecurity
 from lasagne_engine.compute import JAX_TRUNCATION_WARNING
+from lasagne_engine.datacache import DatasetCache, default_cache_root
 from lasagne_engine.errors import EngineError
 from lasagne_engine.modeldef import build_model, error_tail
 from lasagne_engine.trainer.training import NonFiniteLoss, SessionRun, TrainingData, check_shapes
@@ -349,11 +350,7 @@ class Worker:
 
 
 def load_arrays(engine, dataset_ref: str, names: list[str]) -> dict:
-    """Load the session's arrays through the host's dataset cache when there is one, else over gRPC."""
-    try:
-        from lasagne_engine.datacache import DatasetCache, default_cache_root
-    except ImportError:
-        return engine.load_dataset(dataset_ref, names=names)
+    """Load the session's arrays through the host's dataset cache, which downloads each array once per host."""
     return DatasetCache(default_cache_root()).load(engine, dataset_ref, names)
 
 

@@ -157,3 +157,18 @@ def test_unknown_session_is_not_found(stack):
         stack.engine.get_session("s-nothing")
     with pytest.raises(NotFoundError):
         stack.engine.stop_session("s-nothing")
+
+
+def test_sessions_share_one_host_copy_of_a_dataset(stack, digits):
+    model, dataset = digits
+    cache = stack.home / "cache" / "datasets"
+    first = stack.engine.wait_session(stack.engine.start_session(model, dataset, epochs=1).id, timeout_s=300)
+    cached = {path: path.stat().st_mtime_ns for path in cache.rglob("*") if path.is_file()}
+    shas = {header.sha256 for header in stack.engine.describe_dataset(dataset).arrays}
+
+    second = stack.engine.wait_session(stack.engine.start_session(model, dataset, epochs=1).id, timeout_s=300)
+
+    assert first.state == second.state == trainer_pb2.COMPLETED
+    assert cached
+    assert all(any(sha in path.name for path in cached) for sha in shas)
+    assert {path: path.stat().st_mtime_ns for path in cache.rglob("*") if path.is_file()} == cached
