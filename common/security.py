@@ -276,7 +276,10 @@ def _setting(variable: str, section: dict, key: str, path: pathlib.Path):
     value = os.environ.get(variable)
     if value:
         return value
-    return section.get(key)
+    value = section.get(key)
+    if key == "token" and value is not None and not isinstance(value, str):
+        raise ValueError(f"token in {str(path)!r} must be a string in quotes.")
+    return value
 
 
 def _path_setting(variable: str, section: dict, key: str, path: pathlib.Path) -> pathlib.Path | None:
@@ -306,9 +309,9 @@ def _tokens_setting(variable: str, section: dict, key: str, path: pathlib.Path) 
 
 
 def _warn_if_readable_by_others(path: pathlib.Path, config: dict) -> None:
-    holds_tokens = bool(config.get("client", {}).get("token")) or any(
-        config.get("server", {}).get(key) for key in ("read_only_tokens", "read_write_tokens")
-    )
+    client = config.get("client") if isinstance(config.get("client"), dict) else {}
+    server = config.get("server") if isinstance(config.get("server"), dict) else {}
+    holds_tokens = bool(client.get("token")) or any(server.get(key) for key in ("read_only_tokens", "read_write_tokens"))
     if holds_tokens and path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         logger.warning(
             "Config file %s contains tokens and other users may read it; restrict it with: chmod 600 %s", path, path
