@@ -187,11 +187,11 @@ def _write_key(path: pathlib.Path, key) -> None:
     data = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    # Created with mode 0600 from the start, so the key is never readable by others, even briefly.
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # A new file created with mode 0600, so the key is never readable by others, even briefly.
+    path.unlink(missing_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(descriptor, "wb") as stream:
         stream.write(data)
-    os.chmod(path, 0o600)
 
 
 def _write_cert(path: pathlib.Path, cert) -> None:

@@ -4,8 +4,8 @@
   valid token, PERMISSION_DENIED for a read-only token on a method that writes.
 - :class:`StreamLimitInterceptor` rejects a client's streaming call beyond its limit of open
   streams with RESOURCE_EXHAUSTED.
-- :class:`RequestDecodingInterceptor` answers bytes that do not parse as the method's request
-  message with INVALID_ARGUMENT, where gRPC would answer INTERNAL.
+- :class:`RequestDecodingInterceptor` rejects bytes that do not parse as the method's request
+  message with INVALID_ARGUMENT, where gRPC would return INTERNAL.
 
 The health service is open to every caller. ``Trainer.AttachWorker`` takes no user token either:
 session processes call it, and the trainer checks the secret per-session token in its first message.
@@ -96,7 +96,7 @@ def _rejecting_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, me
 
 
 class _RepeatCounter:
-    """Counts repeated events by key and says when to log one: the 1st, 10th, 100th and so on."""
+    """Counts repeated events by key and picks the ones to log: the 1st, 10th, 100th and so on."""
 
     def __init__(self):
         self._lock = threading.Lock()

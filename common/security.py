@@ -94,7 +94,7 @@ def token_fingerprint(token: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class ClientSecurity:
-    """What a client presents to the services: a bearer token and TLS files.
+    """Credentials a client presents to the services: a bearer token and TLS files.
 
     Attributes
     ----------
@@ -170,7 +170,7 @@ class ClientSecurity:
 
 @dataclasses.dataclass(frozen=True)
 class ServerSecurity:
-    """What a server requires of its clients: TLS files and the tokens it accepts.
+    """Requirements a server places on its clients: TLS files and the tokens it accepts.
 
     Attributes
     ----------

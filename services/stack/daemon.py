@@ -50,8 +50,8 @@ def set_up_development_security(paths: Paths, *, require_client_certificates: bo
     written with mode 0600 because it contains the tokens. Returns the config file's path.
 
     The ``[server]`` section gets the server certificate and one read-write and one read-only
-    token; the ``[client]`` section gets the CA, the client certificate and the read-write token,
-    so that the command and the SDK on this machine connect without further settings.
+    token. The ``[client]`` section gets the CA, the client certificate and the read-write token,
+    so the command and the SDK on this machine connect without further settings.
     """
     path = config_path(paths.home)
     config = load_config(path)

@@ -17,8 +17,8 @@ from lasagne_engine.security import ClientSecurity, ServerSecurity
 from lasagne_engine.trainer import add_trainer
 from lasagne_engine.trainer.devices import cpu_devices
 
-# The CI profile keeps the property-based tests of this folder to under a minute on 2 cores;
-# "thorough" runs ten times as many examples, for a run by hand before a release.
+# The CI profile keeps the property-based tests of this folder to about a minute on 2 cores.
+# "thorough" runs four times as many examples, for a run by hand before a release.
 settings.register_profile(
     "ci",
     max_examples=100,

@@ -45,8 +45,8 @@ SERVICES = {
 # Watches wait for events that may never come, so they end at their deadline.
 WATCH_TIMEOUT_S = 0.5
 CALL_TIMEOUT_S = 20
-# A session process would compile a network for each valid StartSession; random names never
-# match what is stored, but the test keeps even a matching one from starting.
+# Numbers that give each drawn upload a name of its own, and that rename a drawn request which
+# would delete a stored object or start a session.
 FUZZ_NAMES = itertools.count()
 
 
@@ -150,7 +150,7 @@ def safe_request(services, method, request):
 
 @contextlib.contextmanager
 def checked_run(services, thread_failures):
-    """Run a property, then check that every server answers, no thread died and nothing stored changed."""
+    """Run a property, then check that every server responds, no thread died and nothing stored changed."""
     yield
     assert thread_failures == [], [failure.exc_value for failure in thread_failures]
     services.assert_intact()

@@ -1,4 +1,4 @@
-"""Size and stream limits, each answered with RESOURCE_EXHAUSTED and a message that names the limit."""
+"""Size and stream limits, each rejected with RESOURCE_EXHAUSTED and a message that names the limit."""
 
 import threading
 

@@ -84,11 +84,11 @@ class TestClientCertificates:
 
 
 class TestBinding:
-    def test_non_loopback_without_tls_is_refused(self, tmp_path):
+    def test_non_loopback_without_tls(self, tmp_path):
         with pytest.raises(PermissionError, match=r"Refusing to listen on '0.0.0.0' without TLS"):
             rpc.Server("0.0.0.0:0")
 
-    def test_non_loopback_with_tls_but_no_authentication_is_refused(self, development_tls):
+    def test_non_loopback_without_authentication(self, development_tls):
         security = ServerSecurity(tls_cert=development_tls.server_cert, tls_key=development_tls.server_key)
 
         with pytest.raises(PermissionError, match="without client authentication"):
