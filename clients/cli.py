@@ -31,10 +31,10 @@ def _engine(arguments):
     from lasagne_engine.client import Engine
 
     addresses = Addresses.from_env()
+    # The Engine picks the trainer itself, so LASAGNE_ENGINE_TRAINER_ADDRESSES can name several.
     return Engine(
         registry_address=addresses.registry,
         data_address=addresses.data,
-        trainer_address=addresses.trainer,
         config_path=_config_path(arguments),
     )
 

@@ -14,12 +14,16 @@ from google.protobuf import struct_pb2
 
 from lasagne_engine import framing, rpc
 from lasagne_engine.arrays import ArrayBuffer, as_contiguous, canonical_dtype, header_for
+from lasagne_engine.client import placement
 from lasagne_engine.client.errors import (
     DataLossError,
     DeadlineExceededError,
+    FailedPreconditionError,
     IntegrityError,
     InvalidArgumentError,
     NotFoundError,
+    ResourceExhaustedError,
+    UnavailableError,
     from_rpc_error,
 )
 from lasagne_engine.client.retries import RetryingInterceptor, RetryPolicy
@@ -157,6 +161,12 @@ class Engine:
         or start again. The waits double from about 0.25 s to at most 4 s, within the call's
         ``timeout_s``. Uploads, saves, registrations, deletions and watches are not retried;
         wait_session watches again by itself. Default 5.
+    trainer_addresses : sequence of str, optional
+        Several trainers to place sessions on, as ``host:port``. :meth:`start_session` tries them
+        in the order of :func:`~lasagne_engine.client.placement.placement_order`,
+        :meth:`list_sessions` lists the sessions of all, and the calls about one session go to
+        the trainer that has it. Default: ``$LASAGNE_ENGINE_TRAINER_ADDRESSES`` (comma-separated)
+        when ``trainer_address`` is not given, else the one trainer of ``trainer_address``.
 
     Attributes
     ----------
@@ -170,6 +180,8 @@ class Engine:
         The token and TLS files in use.
     retry_policy : RetryPolicy
         Retries of idempotent calls.
+    trainer_addresses : tuple of str
+        Every trainer, the first being ``addresses.trainer``.
 
     Raises
     ------
@@ -177,7 +189,8 @@ class Engine:
         If ``timeout_s`` is not positive, ``limits.chunk_bytes`` is not positive and at least
         1 KiB below ``limits.max_message_bytes``, ``max_retries`` is negative, or the token or
         TLS settings are invalid (a token under 16 characters, a missing file, a certificate
-        without its key).
+        without its key), or ``trainer_addresses`` is empty, repeats an address or leaves out
+        ``trainer_address``.
     """
 
     def __init__(
@@ -194,6 +207,7 @@ class Engine:
         tls_key: str | os.PathLike | None = None,
         config_path: str | os.PathLike | None = None,
         max_retries: int = 5,
+        trainer_addresses: Sequence[str] | None = None,
     ):
         if timeout_s <= 0:
             raise ValueError(f"timeout_s={timeout_s!r} must be a positive number of seconds.")
@@ -204,12 +218,16 @@ class Engine:
                 f"limits.max_message_bytes={limits.max_message_bytes}."
             )
 
+        trainers = placement.trainer_addresses(trainer_address, trainer_addresses)
+        if trainers is not None:
+            trainer_address = trainers[0]
         if registry_address is None or data_address is None or trainer_address is None:
             defaults = Addresses.from_env()
             registry_address = registry_address or defaults.registry
             data_address = data_address or defaults.data
             trainer_address = trainer_address or defaults.trainer
         self.addresses = Addresses(registry=registry_address, data=data_address, trainer=trainer_address)
+        self.trainer_addresses = trainers or (self.addresses.trainer,)
         self.timeout_s = timeout_s
         self.limits = limits
         self.security = _client_security(
@@ -223,6 +241,8 @@ class Engine:
         # The channels the stubs call through, for the bulk methods' own (de)serializers.
         self._call_channels: dict[str, grpc.Channel] = {}
         self._bulk_methods: dict[str, Callable[..., Any]] = {}
+        # The trainer of each session seen so far, when there are several trainers.
+        self._session_trainers: dict[str, str] = {}
         self._closed = False
 
     def __repr__(self) -> str:
@@ -1149,6 +1169,8 @@ class Engine:
             device=device,
             resume_from=resume_from,
         )
+        if len(self.trainer_addresses) > 1:
+            return self._start_on_best_trainer(request)
         return self._call(self._stub("trainer").StartSession, request)
 
     def pause_session(self, session_id: str, *, release: bool = False) -> trainer_pb2.Session:
@@ -1170,7 +1192,7 @@ class Engine:
             If the session is not running.
         """
         request = trainer_pb2.PauseSessionRequest(id=session_id, release=release)
-        return self._call(self._stub("trainer").PauseSession, request)
+        return self._call(self._session_stub(session_id).PauseSession, request)
 
     def resume_session(self, session_id: str) -> trainer_pb2.Session:
         """Resume a paused session, or requeue a suspended or interrupted one from its last parameter set.
@@ -1182,7 +1204,7 @@ class Engine:
         FailedPreconditionError
             If the session is neither paused, suspended nor interrupted.
         """
-        return self._call(self._stub("trainer").ResumeSession, trainer_pb2.ResumeSessionRequest(id=session_id))
+        return self._call(self._session_stub(session_id).ResumeSession, trainer_pb2.ResumeSessionRequest(id=session_id))
 
     def checkpoint_session(self, session_id: str) -> str:
         """Have a running or paused session save a parameter set now; return the set's id.
@@ -1195,7 +1217,7 @@ class Engine:
             If the session is not running or paused.
         """
         reply = self._call(
-            self._stub("trainer").CheckpointSession, trainer_pb2.CheckpointSessionRequest(id=session_id),
+            self._session_stub(session_id).CheckpointSession, trainer_pb2.CheckpointSessionRequest(id=session_id),
             timeout_s=max(self.timeout_s, 150.0),
         )
         return reply.parameter_set_id
@@ -1214,7 +1236,7 @@ class Engine:
         """
         request = trainer_pb2.UpdateHyperparametersRequest(id=session_id, learning_rate=learning_rate)
         return self._call(
-            self._stub("trainer").UpdateHyperparameters, request, timeout_s=max(self.timeout_s, 150.0)
+            self._session_stub(session_id).UpdateHyperparameters, request, timeout_s=max(self.timeout_s, 150.0)
         )
 
     def get_devices(self) -> trainer_pb2.GetDevicesResponse:
@@ -1241,6 +1263,8 @@ class Engine:
             For any other failure of the call.
         """
         request = trainer_pb2.ListSessionsRequest(states=list(states))
+        if len(self.trainer_addresses) > 1:
+            return self._list_on_all_trainers(request)
         return list(self._call(self._stub("trainer").ListSessions, request).sessions)
 
     def get_session(self, session_id: str) -> trainer_pb2.Session:
@@ -1259,7 +1283,7 @@ class Engine:
         EngineError
             For any other failure of the call.
         """
-        return self._call(self._stub("trainer").GetSession, trainer_pb2.GetSessionRequest(id=session_id))
+        return self._call(self._session_stub(session_id).GetSession, trainer_pb2.GetSessionRequest(id=session_id))
 
     def stop_session(self, session_id: str) -> trainer_pb2.Session:
         """Ask a live session to save a final parameter set and end in state STOPPED.
@@ -1283,7 +1307,7 @@ class Engine:
         EngineError
             For any other failure of the call.
         """
-        return self._call(self._stub("trainer").StopSession, trainer_pb2.StopSessionRequest(id=session_id))
+        return self._call(self._session_stub(session_id).StopSession, trainer_pb2.StopSessionRequest(id=session_id))
 
     def watch_session(self, session_id: str) -> Iterator[trainer_pb2.SessionEvent]:
         """Stream a session's events: a snapshot, then progress, epoch ends and state changes.
@@ -1307,7 +1331,7 @@ class Engine:
         RuntimeError
             If the engine is closed.
         """
-        return _watch(self._stub("trainer"), session_id, timeout_s=None)
+        return _watch(self._session_stub(session_id), session_id, timeout_s=None)
 
     def watch_metrics(self, session_ids: Sequence[str] = ()) -> Iterator[trainer_pb2.MetricPoint]:
         """Stream metric points of sessions as their processes report them.
@@ -1339,7 +1363,7 @@ class Engine:
             If the engine is closed.
         """
         request = trainer_pb2.WatchMetricsRequest(session_ids=list(session_ids))
-        return _stream(self._stub("trainer").WatchMetrics, request)
+        return _stream(self._metrics_stub(session_ids).WatchMetrics, request)
 
     def wait_session(self, session_id: str, *, timeout_s: float | None = None) -> trainer_pb2.Session:
         """Wait until a session reaches a final state and return it.
@@ -1371,7 +1395,7 @@ class Engine:
         EngineError
             For any other failure of a call.
         """
-        stub = self._stub("trainer")
+        stub = self._session_stub(session_id)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
 
         while True:
@@ -1399,23 +1423,135 @@ class Engine:
             )
             time.sleep(_REWATCH_PAUSE_S)
 
+    # Several trainers
+
+    def _start_on_best_trainer(self, request: trainer_pb2.StartSessionRequest) -> trainer_pb2.Session:
+        """Start the session on the trainer that :mod:`~lasagne_engine.client.placement` ranks first,
+        or on the next when a trainer rejects it for its memory or cannot take it now."""
+        capacities, unreachable, without_device = [], [], []
+        for address in self.trainer_addresses:
+            try:
+                devices = self._call(self._stub("trainer", address).GetDevices, trainer_pb2.GetDevicesRequest())
+            except UnavailableError as error:
+                logger.warning("Trainer %s cannot be reached (%s); placing the session elsewhere", address, error)
+                unreachable.append(f"{address} could not be reached ({error})")
+                continue
+            summary = placement.capacity(address, devices, request.device)
+            if summary is None:
+                without_device.append(address)
+                continue
+            capacities.append(summary)
+
+        rejections = []
+        for address in placement.placement_order(capacities):
+            try:
+                session = self._call(self._stub("trainer", address).StartSession, request)
+            except (ResourceExhaustedError, UnavailableError, FailedPreconditionError) as error:
+                logger.info("Trainer %s did not take the session (%s); trying the next", address, error)
+                rejections.append((address, error))
+                continue
+            self._remember_trainer(session.id, address)
+            return session
+
+        if rejections:
+            reasons = "; ".join([*unreachable, *(f"{address}: {error}" for address, error in rejections)])
+            # The error that every trainer gave, or UNAVAILABLE when they differed.
+            kinds = {type(error) for _, error in rejections}
+            error_type = kinds.pop() if len(kinds) == 1 else UnavailableError
+            raise error_type(f"No trainer took the session. {reasons}") from rejections[-1][1]
+        if without_device and not unreachable:
+            raise NotFoundError(
+                f"No trainer has a device {request.device!r} ({', '.join(without_device)}); list each trainer's "
+                "devices with 'lasagne-engine devices'."
+            )
+        raise UnavailableError(f"No trainer can take the session: {'; '.join(unreachable)}.")
+
+    def _list_on_all_trainers(self, request: trainer_pb2.ListSessionsRequest) -> list[trainer_pb2.Session]:
+        sessions = []
+        for address in self.trainer_addresses:
+            listed = self._call(self._stub("trainer", address).ListSessions, request).sessions
+            for session in listed:
+                self._remember_trainer(session.id, address)
+            sessions.extend(listed)
+        return sorted(sessions, key=lambda session: (session.created_at.ToNanoseconds(), session.id))
+
+    def _remember_trainer(self, session_id: str, address: str) -> None:
+        with self._lock:
+            self._session_trainers[session_id] = address
+
+    def _session_stub(self, session_id: str) -> Any:
+        """Return the stub of the trainer that has ``session_id``; with several, ask each until one has it."""
+        if len(self.trainer_addresses) == 1:
+            return self._stub("trainer")
+        with self._lock:
+            known = self._session_trainers.get(session_id)
+        if known is not None:
+            return self._stub("trainer", known)
+
+        unreachable = []
+        for address in self.trainer_addresses:
+            stub = self._stub("trainer", address)
+            try:
+                self._call(stub.GetSession, trainer_pb2.GetSessionRequest(id=session_id))
+            except NotFoundError:
+                continue
+            except UnavailableError as error:
+                unreachable.append(f"{address} ({error})")
+                continue
+            self._remember_trainer(session_id, address)
+            return stub
+        if unreachable:
+            raise UnavailableError(
+                f"Session {session_id!r} is on none of the trainers that answered, and these could not be "
+                f"reached: {', '.join(unreachable)}. Retry when they are back."
+            )
+        raise NotFoundError(
+            f"No session {session_id!r} on any of the trainers {', '.join(self.trainer_addresses)}; "
+            "list sessions with 'lasagne-engine sessions'."
+        )
+
+    def _metrics_stub(self, session_ids: Sequence[str]) -> Any:
+        """Return the stub of the one trainer that has every session in ``session_ids``.
+
+        Raises
+        ------
+        InvalidArgumentError
+            With several trainers, if ``session_ids`` is empty or spans more than one trainer.
+        """
+        if len(self.trainer_addresses) == 1:
+            return self._stub("trainer")
+        if not session_ids:
+            raise InvalidArgumentError(
+                "With several trainers, name the sessions whose metrics to watch; each trainer streams "
+                "only its own sessions."
+            )
+        stubs = {id(stub): stub for stub in (self._session_stub(session_id) for session_id in session_ids)}
+        if len(stubs) > 1:
+            raise InvalidArgumentError(
+                f"Sessions {', '.join(session_ids)} run on different trainers; watch the metrics of each "
+                "trainer's sessions in a separate call."
+            )
+        return next(iter(stubs.values()))
+
     # Plumbing
 
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("This Engine is closed; create a new Engine to make more calls.")
 
-    def _stub(self, service: str) -> Any:
+    def _stub(self, service: str, address: str | None = None) -> Any:
+        """Return the stub of ``service`` at its address, or at ``address`` for another trainer."""
+        key = service if address is None or address == getattr(self.addresses, service) else f"{service}@{address}"
         with self._lock:
             self._check_open()
-            stub = self._stubs.get(service)
+            stub = self._stubs.get(key)
             if stub is None:
-                address = getattr(self.addresses, service)
-                channel = rpc.client_channel(address, self.limits, security=self.security)
-                self._channels[service] = channel
+                channel = rpc.client_channel(address or getattr(self.addresses, service), self.limits,
+                                             security=self.security)
+                self._channels[key] = channel
                 retrying = grpc.intercept_channel(channel, RetryingInterceptor(self.retry_policy))
-                self._call_channels[service] = retrying
-                stub = self._stubs[service] = _STUB_CLASSES[service](retrying)
+                self._call_channels[key] = retrying
+                stub = self._stubs[key] = _STUB_CLASSES[service](retrying)
         return stub
 
     def _bulk(self, service: str, method: str) -> Callable[..., Any]:
