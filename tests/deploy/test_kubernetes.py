@@ -8,6 +8,7 @@ launcher makes.
 
 import json
 import pathlib
+import re
 import threading
 
 import pytest
@@ -376,3 +377,10 @@ def test_credentials_stay_out_of_manifests():
         for document in yaml.safe_load_all(path.read_text()):
             if document and document.get("kind") == "Secret":
                 pytest.fail(f"{path} commits a Secret; credentials belong in {CREDENTIALS}, created by hand")
+
+
+def test_docs_create_every_credential():
+    text = (DEPLOY.parent / "docs" / "deploy.md").read_text()
+    command = text[text.index("create secret generic lasagne-engine-credentials"):].split("```")[0]
+
+    assert set(re.findall(r"--from-literal=([a-z-]+)=", command)) == CREDENTIAL_KEYS
