@@ -41,6 +41,8 @@ CONTROL_TIMEOUT_S = 120.0
 # Session states in which a process is attached and taking steps or waiting between them.
 CONTROLLABLE_STATES = frozenset({trainer_pb2.RUNNING, trainer_pb2.PAUSED})
 RESUMABLE_STATES = frozenset({trainer_pb2.SUSPENDED, trainer_pb2.INTERRUPTED})
+# How long ResumeSession waits for a suspended session's process to exit.
+SUSPEND_EXIT_TIMEOUT_S = 30.0
 
 
 @dataclass
@@ -721,6 +723,19 @@ class SessionManager:
         with self._lock:
             record = self._get_record(session_id)
             live = self._live.get(session_id)
+            exiting = live.process if record.state in RESUMABLE_STATES and live is not None else None
+        if exiting is not None:
+            # A suspended session has saved its checkpoint; its process may still be exiting, and
+            # the device is free only once it has.
+            exiting.join(SUSPEND_EXIT_TIMEOUT_S)
+        with self._lock:
+            record = self._get_record(session_id)
+            live = self._live.get(session_id)
+            if record.state in RESUMABLE_STATES and live is not None:
+                raise errors.Unavailable(
+                    f"Session {session_id!r} is {trainer_pb2.SessionState.Name(record.state).lower()} but its process "
+                    f"has not exited after {SUSPEND_EXIT_TIMEOUT_S:.0f} s; retry the resume shortly."
+                )
             if record.state == trainer_pb2.PAUSED and live is not None and live.attached:
                 live.commands.put(trainer_pb2.WorkerCommand(resume=True))
                 logger.info("Resume requested for session %s", session_id)

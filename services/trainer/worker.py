@@ -74,6 +74,7 @@ class Worker:
         self.monitor = spec.hyperparameters.monitor or "val_loss"
         # (parameter set id, monitored value or None, step) of every set this session saved.
         self.saved: list[tuple[str, float | None, int]] = []
+        self.best_parameter_set_id = ""
 
     def _state(self, state: int, **fields) -> None:
         logger.info("Session %s is now %s", self.spec.session_id, trainer_pb2.SessionState.Name(state))
@@ -229,8 +230,10 @@ class Worker:
         """Run the remaining epochs; return COMPLETED or EARLY_STOPPED."""
         hyperparameters = self.spec.hyperparameters
         patience = hyperparameters.early_stopping_patience
-        values = [value for _, value, _ in self.saved if value is not None]
-        best_value = (max(values) if self.monitor in MAXIMIZED_METRICS else min(values)) if values else None
+        best_value = None
+        for parameter_set_id, value, _ in self.saved:
+            if value is not None and monitor_improved(self.monitor, value, best_value):
+                best_value, self.best_parameter_set_id = value, parameter_set_id
         epochs_without_improvement = 0
         first_epoch = run.step // run.steps_per_epoch + 1
         for epoch in range(first_epoch, hyperparameters.epochs + 1):
@@ -249,6 +252,7 @@ class Worker:
                 best_value = value
                 epochs_without_improvement = 0
                 self.engine.tag_parameter_set(parameter_set.id, add=["best"], exclusive_in_session=True)
+                self.best_parameter_set_id = parameter_set.id
                 self.report(trainer_pb2.WorkerReport(best_parameter_set_id=parameter_set.id))
             else:
                 epochs_without_improvement += 1
@@ -296,9 +300,12 @@ class Worker:
             return
         keep = {parameter_set_id for parameter_set_id, _, _ in self.saved[-max(keep_latest, 1):]}
         scored = [(value, parameter_set_id) for parameter_set_id, value, _ in self.saved if value is not None]
-        scored.sort(reverse=self.monitor in MAXIMIZED_METRICS)
-        # The best set always stays, so the "best" tag never points at a deleted set.
+        # Sorted on the value alone: the sort is stable, so among equal values the earliest set
+        # ranks first, as it does for the "best" tag, which moves only on a strict improvement.
+        scored.sort(key=lambda item: item[0], reverse=self.monitor in MAXIMIZED_METRICS)
         keep.update(parameter_set_id for _, parameter_set_id in scored[: max(keep_best, 1)])
+        # The tagged best set always stays, so the tag never points at a deleted set.
+        keep.add(self.best_parameter_set_id)
         for parameter_set_id, value, step in list(self.saved):
             if parameter_set_id in keep:
                 continue

@@ -160,11 +160,17 @@ def test_suspend_frees_device_and_resume_continues(two_devices):
         wait_for_state(engine, session.id, {trainer_pb2.RUNNING})
 
         engine.pause_session(session.id, release=True)
-        suspended = wait_for_state(engine, session.id, {trainer_pb2.SUSPENDED}, timeout_s=60)
+        wait_for_state(engine, session.id, {trainer_pb2.SUSPENDED}, timeout_s=60)
         assert wait_devices_free(engine).devices[0].memory_used_bytes == 0
+        engine.resume_session(session.id)
+        wait_for_state(engine, session.id, {trainer_pb2.RUNNING}, timeout_s=120)
+        engine.pause_session(session.id, release=True)
+        suspended = wait_for_state(engine, session.id, {trainer_pb2.SUSPENDED}, timeout_s=60)
         saved = engine.get_parameter_set(suspended.last_parameter_set_id)
 
         engine.resume_session(session.id)
+        assert engine.get_session(session.id).state in (trainer_pb2.QUEUED, trainer_pb2.PENDING, trainer_pb2.LOADING,
+                                                         trainer_pb2.COMPILING, trainer_pb2.RUNNING)
         resumed = wait_for_state(engine, session.id, {trainer_pb2.RUNNING}, timeout_s=120)
         assert resumed.step >= saved.step
         assert resumed.pid != suspended.pid
