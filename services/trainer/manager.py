@@ -665,7 +665,7 @@ class SessionManager:
                 f"Session {session_id!r} is already {state_text}; only a live session can {action}."
             )
         if states is not None and record.state not in states:
-            allowed = ", ".join(trainer_pb2.SessionState.Name(state).lower() for state in sorted(states))
+            allowed = " or ".join(trainer_pb2.SessionState.Name(state).lower() for state in sorted(states))
             raise errors.FailedPrecondition(
                 f"Session {session_id!r} is {state_text}; it can {action} only when {allowed}."
             )
