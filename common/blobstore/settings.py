@@ -1,9 +1,9 @@
-"""Choosing the blob store from the environment and an optional TOML file.
+"""Choosing the blob store from the environment and the ``[blob_store]`` table of the config file.
 
 The services read these settings; the environment wins over the file:
 
 =================================  ==================  ===========================================
-variable                           ``storage.toml``    meaning
+variable                           ``[blob_store]``    meaning
 =================================  ==================  ===========================================
 ``LASAGNE_ENGINE_BLOB_URL``        ``url``             ``s3://bucket/prefix``, ``file:///path`` or a
                                                        folder; unset keeps each service's local folder
@@ -17,9 +17,9 @@ variable                           ``storage.toml``    meaning
 ``LASAGNE_ENGINE_S3_TIMEOUT_S``    ``timeout_s``       connect and read timeout per request (60 s)
 =================================  ==================  ===========================================
 
-The file is ``$LASAGNE_ENGINE_STORAGE_CONFIG``, or ``<home>/storage.toml`` when that exists, with
-the keys above in a ``[blob_store]`` table. Without credentials in either place, the store falls
-back to ``~/.aws/credentials`` (``AWS_PROFILE``) and then to anonymous access.
+The config file is the one the servers read their other settings from (``$LASAGNE_ENGINE_CONFIG``
+or ``<home>/config.toml``). Without credentials in either place, the store falls back to
+``~/.aws/credentials`` (``AWS_PROFILE``) and then to anonymous access.
 """
 
 import logging
@@ -46,8 +46,6 @@ __all__ = ["configured_blob_store", "open_blob_store"]
 
 logger = logging.getLogger(__name__)
 
-CONFIG_FILE_VARIABLE = "LASAGNE_ENGINE_STORAGE_CONFIG"
-CONFIG_FILE_NAME = "storage.toml"
 DEFAULT_S3_ENDPOINT = "s3.amazonaws.com"
 
 # Setting name in the file, environment variables in order of preference.
@@ -69,7 +67,7 @@ _FILE_KEYS = frozenset({*_VARIABLES, "access_key", "secret_key", "session_token"
 
 
 def configured_blob_store(
-    home: pathlib.Path | None = None, *, environ: Mapping[str, str] | None = None
+    config_file: pathlib.Path | None = None, *, environ: Mapping[str, str] | None = None
 ) -> BlobStore | None:
     """Open the blob store the settings name, or return None when they name none.
 
@@ -79,9 +77,9 @@ def configured_blob_store(
 
     Parameters
     ----------
-    home : pathlib.Path, optional
-        Data folder, where ``storage.toml`` is looked for. Default: no file unless
-        ``LASAGNE_ENGINE_STORAGE_CONFIG`` names one.
+    config_file : pathlib.Path, optional
+        TOML file whose ``[blob_store]`` table, if any, holds settings. A missing file counts as
+        empty. Default: no file.
     environ : mapping, optional
         The environment. Default ``os.environ``.
 
@@ -90,7 +88,7 @@ def configured_blob_store(
     ValueError
         If a setting is invalid; the message names it and the accepted values.
     """
-    settings = _read_settings(home, os.environ if environ is None else environ)
+    settings = _read_settings(config_file, os.environ if environ is None else environ)
     url = settings.get("url")
     if not url:
         return None
@@ -136,14 +134,10 @@ def open_blob_store(url: str | os.PathLike, *, settings: Mapping[str, str] | Non
     return LocalBlobStore(pathlib.Path(text))
 
 
-def _read_settings(home: pathlib.Path | None, environ: Mapping[str, str]) -> dict[str, str]:
+def _read_settings(config_file: pathlib.Path | None, environ: Mapping[str, str]) -> dict[str, str]:
     settings: dict[str, str] = {}
-    path_text = environ.get(CONFIG_FILE_VARIABLE)
-    path = pathlib.Path(path_text).expanduser() if path_text else None
-    if path is None and home is not None and (pathlib.Path(home) / CONFIG_FILE_NAME).is_file():
-        path = pathlib.Path(home) / CONFIG_FILE_NAME
-    if path is not None:
-        settings.update(_read_file(path))
+    if config_file is not None:
+        settings.update(_read_file(pathlib.Path(config_file)))
 
     for key, variables in _VARIABLES.items():
         for variable in variables:
@@ -163,21 +157,18 @@ def _read_file(path: pathlib.Path) -> dict[str, str]:
     try:
         with open(path, "rb") as file:
             document = tomllib.load(file)
-    except FileNotFoundError as error:
-        raise ValueError(
-            f"Storage settings file {str(path)!r} does not exist; fix {CONFIG_FILE_VARIABLE} or create the file."
-        ) from error
+    except FileNotFoundError:
+        return {}
     except tomllib.TOMLDecodeError as error:
-        raise ValueError(f"Storage settings file {str(path)!r} is not valid TOML: {error}.") from error
+        raise ValueError(f"Config file {str(path)!r} is not valid TOML: {error}.") from error
 
     table = document.get("blob_store", {})
     if not isinstance(table, dict):
-        raise ValueError(f"Storage settings file {str(path)!r} must have a [blob_store] table.")
+        raise ValueError(f"Config file {str(path)!r} has a blob_store key that is not a table; write [blob_store].")
     unknown = sorted(set(table) - _FILE_KEYS)
     if unknown:
         raise ValueError(
-            f"Storage settings file {str(path)!r} has unknown keys {unknown} in [blob_store]; "
-            f"the keys are {sorted(_FILE_KEYS)}."
+            f"Config file {str(path)!r} has unknown keys {unknown} in [blob_store]; the keys are {sorted(_FILE_KEYS)}."
         )
     return {key: str(value).lower() if isinstance(value, bool) else str(value) for key, value in table.items()}
 
@@ -233,7 +224,7 @@ def _credentials(settings: Mapping[str, str]) -> Provider | None:
     if access_key or secret_key:
         raise ValueError(
             "Only half of the S3 credentials are set; give both AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-            "(or MINIO_ROOT_USER and MINIO_ROOT_PASSWORD, or access_key and secret_key in storage.toml)."
+            "(or MINIO_ROOT_USER and MINIO_ROOT_PASSWORD, or access_key and secret_key in [blob_store])."
         )
     shared_file = pathlib.Path(
         os.environ.get("AWS_SHARED_CREDENTIALS_FILE", pathlib.Path.home() / ".aws" / "credentials")
