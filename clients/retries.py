@@ -14,7 +14,7 @@ __all__ = ["IDEMPOTENT_WRITES", "RetryPolicy", "RetryingInterceptor", "is_idempo
 logger = logging.getLogger(__name__)
 
 # Methods that change data but leave the same state when repeated, so they are safe to retry.
-IDEMPOTENT_WRITES = frozenset({"TagParameterSet"})
+IDEMPOTENT_WRITES = frozenset({"TagParameterSet", "HoldParameterSet", "ReleaseParameterSet"})
 
 
 def is_idempotent(method: str) -> bool:
