@@ -7,6 +7,7 @@ epoch summaries and state changes, one line each.
 """
 
 import math
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -18,9 +19,10 @@ from lasagne_engine.v1 import trainer_pb2
 __all__ = ["ProgressView", "SessionProgress", "format_duration"]
 
 BAR_WIDTH = 24
-# ANSI sequences: move the cursor to the start of the line N lines up, and clear to the end of the line.
+# ANSI sequences: move the cursor to the start of the line N lines up, and clear from the cursor to
+# the end of the screen.
 _CURSOR_UP = "\033[{}F"
-_CLEAR_LINE = "\033[K"
+_CLEAR_BELOW = "\033[J"
 
 
 def _bar(fraction: float) -> str:
@@ -235,13 +237,19 @@ class ProgressView:
                 self.stream.flush()
             return
 
+        # A live line that wrapped would take two rows, and the cursor would no longer return to
+        # the first live line, so each is cut to the terminal's width.
+        width = max(1, shutil.get_terminal_size().columns - 1)
         output = []
         if self._drawn:
             output.append(_CURSOR_UP.format(self._drawn))
+        # Clearing everything below, not line by line, also clears the second row of a line that stays.
+        output.append(_CLEAR_BELOW)
         if history_line is not None:
-            output.append(_CLEAR_LINE + history_line + "\n")
+            output.append(history_line + "\n")
         for line in self._lines.values():
-            output.append(_CLEAR_LINE + self._prefix(line.session_id) + line.live_text() + "\n")
+            text = self._prefix(line.session_id) + line.live_text()
+            output.append(text[:width] + "\n")
         self._drawn = len(self._lines)
         self.stream.write("".join(output))
         self.stream.flush()

@@ -73,6 +73,11 @@ class TestFormatDuration:
         assert format_duration(seconds) == text
 
 
+@pytest.fixture
+def wide_terminal(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+
+
 class TestProgressView:
     def test_log_lines_without_terminal(self):
         output = io.StringIO()
@@ -90,7 +95,7 @@ class TestProgressView:
         assert lines[3] == "s-1  completed"
         assert len(lines) == 4
 
-    def test_live_line_on_terminal(self):
+    def test_live_line_on_terminal(self, wide_terminal):
         output = Terminal()
         clock = FakeClock()
         view = ProgressView(output, clock=clock)
@@ -100,13 +105,13 @@ class TestProgressView:
         clock.now += 10.0
         view.update("s-1", progress(2, 30))
 
-        last_line = output.getvalue().split("\033[K")[-1]
+        last_line = output.getvalue().split("\033[J")[-1]
         # 1.75 of 5 epochs fill 8.4 of 24 characters. 20 steps in 10 s leave 130 of 200 steps at 2 per second.
         assert last_line == (
             f"s-1  epoch   2/5 [{'#' * 8}{'-' * 16}] step 30/40  train loss 0.5000  3,200 examples/s  1m05s left\n"
         )
 
-    def test_time_left_from_throughput(self):
+    def test_time_left_from_throughput(self, wide_terminal):
         output = Terminal()
         view = ProgressView(output, clock=FakeClock())
         view.update("s-1", snapshot())
@@ -116,7 +121,7 @@ class TestProgressView:
         # A single report: 320 examples/s at batch 32 is 10 steps/s, with 160 steps to go.
         assert output.getvalue().endswith("16s left\n")
 
-    def test_lines_redrawn_in_place(self):
+    def test_lines_redrawn_in_place(self, wide_terminal):
         output = Terminal()
         view = ProgressView(output, clock=FakeClock())
         view.add(["s-1", "s-2"])
@@ -126,13 +131,23 @@ class TestProgressView:
         view.update("s-2", state(trainer_pb2.LOADING))
 
         last_frame = output.getvalue().rsplit("\033[2F", 1)[1]
-        assert last_frame.split("\033[K")[1:] == [
-            "s-2  loading\n",
-            f"s-1  epoch   1/5 [{'-' * 24}] step  0/40\n",
-            "s-2  loading\n",
-        ]
+        assert last_frame == (
+            "\033[J"
+            "s-2  loading\n"
+            f"s-1  epoch   1/5 [{'-' * 24}] step  0/40\n"
+            "s-2  loading\n"
+        )
 
-    def test_final_state_has_no_time_left(self):
+    def test_live_lines_cut_to_width(self, monkeypatch):
+        monkeypatch.setenv("COLUMNS", "30")
+        output = Terminal()
+        view = ProgressView(output, clock=FakeClock())
+
+        view.update("s-1", snapshot())
+
+        assert output.getvalue() == "\033[J" + "s-1  epoch   1/5 [-----------" + "\n"
+
+    def test_final_state_has_no_time_left(self, wide_terminal):
         output = Terminal()
         view = ProgressView(output, clock=FakeClock())
         view.update("s-1", snapshot())
