@@ -25,6 +25,16 @@ def _reachable(address: str) -> str:
     return address
 
 
+def _env_number(name: str, default: float, kind: type) -> float:
+    value = os.environ.get(name)
+    if not value:
+        return default
+    try:
+        return kind(value)
+    except ValueError as error:
+        raise ValueError(f"Environment variable {name}={value!r} is not a valid {kind.__name__}.") from error
+
+
 def start_metrics(
     trainer_address: str, *, port: int | None = None, retention_s: float | None = None
 ) -> TrainerMetrics | None:
@@ -36,15 +46,19 @@ def start_metrics(
 
     Raises
     ------
+    ValueError
+        If a setting is not a number, or the port is out of range.
     OSError
         If the port cannot be bound, with the settings that change it.
     """
     if port is None:
-        port = int(os.environ.get("LASAGNE_ENGINE_METRICS_PORT") or DEFAULT_METRICS_PORT)
+        port = int(_env_number("LASAGNE_ENGINE_METRICS_PORT", DEFAULT_METRICS_PORT, int))
     if port == 0:
         return None
+    if not 0 < port < 65536:
+        raise ValueError(f"Metrics port {port} is out of range; use 1 to 65535, or 0 to turn the endpoint off.")
     if retention_s is None:
-        retention_s = float(os.environ.get("LASAGNE_ENGINE_METRICS_RETENTION_S") or DEFAULT_RETENTION_S)
+        retention_s = _env_number("LASAGNE_ENGINE_METRICS_RETENTION_S", DEFAULT_RETENTION_S, float)
     host = trainer_address.rpartition(":")[0].strip("[]") or "127.0.0.1"
 
     metrics = TrainerMetrics(retention_s=retention_s)

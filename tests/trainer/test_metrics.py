@@ -380,3 +380,13 @@ class TestStartMetrics:
 
             with pytest.raises(OSError, match=f"Could not serve trainer metrics on 127.0.0.1:{port} .*set LASAGNE_ENGINE_METRICS_PORT"):
                 start_metrics("127.0.0.1:50153", port=port)
+
+    def test_invalid_port_setting(self, monkeypatch):
+        monkeypatch.setenv("LASAGNE_ENGINE_METRICS_PORT", "metrics")
+
+        with pytest.raises(ValueError, match="Environment variable LASAGNE_ENGINE_METRICS_PORT='metrics' is not a valid int"):
+            start_metrics("127.0.0.1:50153")
+
+    def test_port_out_of_range(self):
+        with pytest.raises(ValueError, match="Metrics port 70000 is out of range; use 1 to 65535"):
+            start_metrics("127.0.0.1:50153", port=70000)
