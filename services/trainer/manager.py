@@ -949,6 +949,8 @@ class SessionManager:
                 final = self._records[session_id].state in FINAL_STATES
             if not final:
                 self._finish(session_id, trainer_pb2.INTERRUPTED, "The trainer stopped while the session was running.")
+        if self.metrics is not None:
+            self.metrics.close()
         self._engine.close()
         self._store.close()
 

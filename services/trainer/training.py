@@ -164,6 +164,7 @@ class SessionRun:
         seed: int,
         mode: str | None = None,
         statistics_every_steps: int = 0,
+        statistics_min_interval_s: float = 1.0,
     ):
         import pytensor
 
@@ -208,6 +209,10 @@ class SessionRun:
         self.optimizer = optimizer
         self.mode = mode
         self.statistics_every_steps = max(0, statistics_every_steps)
+        # A fast model reaches every N-th step many times a second; statistics more often than
+        # this add reports and their cost without telling more.
+        self.statistics_min_interval_s = statistics_min_interval_s
+        self._last_statistics = float("-inf")
         self.train_step = None
         self.train_step_with_statistics = None
         self.evaluate_block = None
@@ -326,7 +331,8 @@ class SessionRun:
         case this returns None and the steps taken so far stay applied. ``on_step`` receives a
         report about every ``report_every_s`` seconds with the durations of the steps since the
         last one; ``on_statistics`` receives the step and per-parameter statistics every
-        ``statistics_every_steps`` steps.
+        ``statistics_every_steps`` steps, but not more often than once per
+        ``statistics_min_interval_s`` seconds.
 
         Raises
         ------
@@ -347,6 +353,7 @@ class SessionRun:
                 self.train_step_with_statistics is not None
                 and on_statistics is not None
                 and (self.step + 1) % self.statistics_every_steps == 0
+                and step_started - self._last_statistics >= self.statistics_min_interval_s
             )
             if with_statistics:
                 loss_value, *statistics = self.train_step_with_statistics(batch_index)
@@ -360,6 +367,7 @@ class SessionRun:
             if not math.isfinite(loss_value):
                 raise NonFiniteLoss(f"The training loss became {loss_value} at epoch {epoch}, step {self.step}.")
             if with_statistics:
+                self._last_statistics = step_started
                 on_statistics(self.step, self._statistics_rows(statistics))
             loss_sum += loss_value
             if on_step is not None and (now - last_report >= report_every_s or batch_index == self.steps_per_epoch - 1):

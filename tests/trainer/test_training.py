@@ -113,3 +113,24 @@ def test_run_rejects_batch_larger_than_data():
 
 def test_array_name_replaces_slashes():
     assert array_name("fc1_W/adam/first_moment") == "fc1_W.adam.first_moment"
+
+
+@pytest.mark.slow
+def test_statistics_follow_cadence_and_interval():
+    every_other = new_run(statistics_every_steps=2, statistics_min_interval_s=0.0)
+    throttled = new_run(statistics_every_steps=2, statistics_min_interval_s=3600.0)
+    every_other.compile()
+    throttled.compile()
+    seen, seen_throttled = [], []
+
+    every_other.run_epoch(1, on_statistics=lambda step, rows: seen.append((step, rows)))
+    throttled.run_epoch(1, on_statistics=lambda step, rows: seen_throttled.append(step))
+
+    assert [step for step, _ in seen] == list(range(2, every_other.steps_per_epoch + 1, 2))
+    assert seen_throttled == [2]
+    names = {row["name"] for row in seen[0][1]}
+    assert names == {"hidden_W", "hidden_b", "logits_W", "logits_b"}
+    first = seen[0][1][0]
+    assert first["l2_norm"] > 0
+    assert first["gradient_l2_norm"] > 0
+    assert 0 < first["update_ratio"] < 1
