@@ -569,7 +569,8 @@ def test_trainer_controls_sessions_in_jobs(api, trainer_on_stand_in):
         ("k8s:0", "cpu", 4 << 30), ("k8s:1", "cpu", 4 << 30)]
 
     session = engine.start_session("mlp", "digits", epochs=100_000, batch_size=8, learning_rate=1e-3)
-    running = wait_for_state(engine, session.id, {trainer_pb2.RUNNING}, timeout_s=120)
+    # Generous: a cold compile cache makes the first compile of this graph take minutes.
+    running = wait_for_state(engine, session.id, {trainer_pb2.RUNNING}, timeout_s=600)
     assert running.device == "k8s:0"
     assert running.pid == 0
     first_job = jobs_of(api, session.id)[0]
