@@ -51,7 +51,23 @@ def bare_loop(arrays: dict, *, hidden_units: int, epochs: int, core: int) -> flo
 
     from lasagne_engine.modeldef import build_model
 
+    # Pinned like a session, then unpinned again: this process also runs the services.
+    previous = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {core})
+    try:
+        return _train_bare(arrays, hidden_units=hidden_units, epochs=epochs)
+    finally:
+        os.sched_setaffinity(0, previous)
+
+
+def _train_bare(arrays: dict, *, hidden_units: int, epochs: int) -> float:
+    import numpy as np
+    from pytensor_ml.loss import CrossEntropy
+    from pytensor_ml.model import Model
+    from pytensor_ml.optim import adam
+
+    from lasagne_engine.modeldef import build_model
+
     built = build_model(MODEL_SOURCE.read_text(), {"hidden_units": hidden_units})
     model = Model(built.output).initialize(seed=0)
     step = model.compile_train(adam(1e-3), CrossEntropy(expect_logits=True))
