@@ -94,21 +94,24 @@ def _host_memory_bytes() -> int:
         return 8 << 30
 
 
+def _usable_cores() -> list[int]:
+    """Return the CPU cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
 def discover_cpus() -> list[DeviceInfo]:
     """Return ``LASAGNE_ENGINE_CPU_DEVICES`` CPU devices (default: one per core the process may use).
 
     Each gets ``LASAGNE_ENGINE_CPU_DEVICE_MEMORY_BYTES``, by default an equal share of half the
     host's memory, and is pinned to one core.
     """
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-    count = _env_int("LASAGNE_ENGINE_CPU_DEVICES", len(cores))
+    count = _env_int("LASAGNE_ENGINE_CPU_DEVICES", len(_usable_cores()))
     if count < 1:
         raise ValueError(f"LASAGNE_ENGINE_CPU_DEVICES={count} must be at least 1.")
     budget = _env_int("LASAGNE_ENGINE_CPU_DEVICE_MEMORY_BYTES", _host_memory_bytes() // 2 // count)
-    return [
-        DeviceInfo(name=f"cpu:{index}", kind="cpu", memory_budget_bytes=budget, cpu_core=cores[index % len(cores)])
-        for index in range(count)
-    ]
+    return cpu_devices(count, memory_budget_bytes=budget)
 
 
 def discover_devices() -> list[DeviceInfo]:
@@ -118,7 +121,7 @@ def discover_devices() -> list[DeviceInfo]:
 
 def cpu_devices(count: int, *, memory_budget_bytes: int) -> list[DeviceInfo]:
     """Return ``count`` CPU devices with the given budget, pinned to the available cores in turn."""
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    cores = _usable_cores()
     return [
         DeviceInfo(name=f"cpu:{index}", kind="cpu", memory_budget_bytes=memory_budget_bytes, cpu_core=cores[index % len(cores)])
         for index in range(count)
