@@ -586,7 +586,7 @@ class Engine:
         UnavailableError
             If the registry cannot be reached.
         DeadlineExceededError
-            If the registry does not answer in time.
+            If the registry does not respond in time.
         EngineError
             For any other failure of the call.
         """
@@ -1502,7 +1502,7 @@ class Engine:
             return stub
         if unreachable:
             raise UnavailableError(
-                f"Session {session_id!r} is on none of the trainers that answered, and these could not be "
+                f"Session {session_id!r} is on none of the trainers that responded, and these could not be "
                 f"reached: {', '.join(unreachable)}. Retry when they are back."
             )
         raise NotFoundError(

@@ -59,7 +59,7 @@ def trainer_addresses(
 
 @dataclasses.dataclass(frozen=True)
 class TrainerCapacity:
-    """What one trainer can take now, from its ``GetDevices`` response.
+    """Free capacity of one trainer now, from its ``GetDevices`` response.
 
     Attributes
     ----------

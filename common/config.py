@@ -49,7 +49,7 @@ def default_home() -> pathlib.Path:
 
 @dataclass(frozen=True)
 class Addresses:
-    """Where the three services listen, as ``host:port`` strings."""
+    """Addresses of the three services, as ``host:port`` strings."""
 
     registry: str
     data: str

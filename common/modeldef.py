@@ -2,7 +2,7 @@
 
 A definition is a module with a function ``build(hyperparameters)`` returning the input variable
 and the output variable of the network, batch axis first. A module-level ``LOSS`` selects the
-training loss: ``"cross_entropy"`` (the default; the output holds logits and the targets are
+training loss: ``"cross_entropy"`` (the default; the output contains logits and the targets are
 integer class labels) or ``"squared_error"`` (the output is compared to float targets). Example::
 
     from pytensor_ml.activations import ReLU

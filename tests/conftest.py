@@ -16,11 +16,11 @@ COMPILE_CACHE = pathlib.Path(os.environ.get("LASAGNE_ENGINE_COMPILE_CACHE", REPO
 # PyTensor reads its flags once, at import, so they are set before any test imports it.
 os.environ.update(compute_environment(COMPILE_CACHE, backend="default"))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# Many trainers run at once in the suite and in the processes it starts, so none serves metrics on
-# the fixed default port; the tests that check metrics pass a port of their own.
+# Many trainers run at once in the suite, so none serves metrics on the fixed default port. The
+# tests that check metrics pass a port of their own.
 os.environ["LASAGNE_ENGINE_METRICS_PORT"] = "0"
-# The developer's own tokens and TLS files ('lasagne-engine up --tls') must not reach the servers
-# and clients of the suite; the security tests pass theirs explicitly.
+# The developer's own tokens and TLS files ('lasagne-engine up --tls') must not reach the suite's
+# servers and clients. The security tests pass theirs explicitly.
 os.environ["LASAGNE_ENGINE_CONFIG"] = os.devnull
 for _variable in [name for name in os.environ if name.startswith(("LASAGNE_ENGINE_TOKEN", "LASAGNE_ENGINE_TLS_"))]:
     del os.environ[_variable]

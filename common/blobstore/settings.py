@@ -73,7 +73,7 @@ def configured_blob_store(
 
     With None, each service keeps its blobs in its own local folder. An S3 bucket that does not
     exist yet is created. An endpoint that cannot be reached now is logged as a warning and
-    not raised, so the services start and answer UNAVAILABLE until it is back.
+    not raised, so the services start and return UNAVAILABLE until it is back.
 
     Parameters
     ----------

@@ -1,6 +1,6 @@
 """The compute of one session: datasets in shared variables, a compiled step, and the epoch loop.
 
-Nothing here knows about gRPC or the registry. The dataset arrays become PyTensor shared
+Nothing here imports gRPC or calls the registry. The dataset arrays become PyTensor shared
 variables once, on the session's device; the compiled training step takes only a minibatch
 index, and gathers its rows inside the graph through a shared permutation that is reshuffled each
 epoch. The learning rate is a shared variable too, so it can change between steps without a
@@ -87,9 +87,8 @@ def check_shapes(model: BuiltModel, data: TrainingData, *, names: Mapping[str, s
     Raises
     ------
     FailedPrecondition
-        If an example's shape differs from the network's input shape, the targets disagree with the
-        output, or the train and validation arrays disagree with each other; the message names both
-        shapes.
+        If an example's shape differs from the network's input shape, or the targets disagree with
+        the output or with the number of examples. The message names both shapes.
     """
     input_shape = tuple(model.input.type.shape[1:])
     for key in ("train_inputs", "val_inputs"):
@@ -124,7 +123,7 @@ def check_shapes(model: BuiltModel, data: TrainingData, *, names: Mapping[str, s
                 )
             if n_classes is not None and targets.size and (targets.min() < 0 or targets.max() >= n_classes):
                 raise FailedPrecondition(
-                    f"Array {names[key]!r} holds labels from {targets.min()} to {targets.max()}, but the model's "
+                    f"Array {names[key]!r} contains labels from {targets.min()} to {targets.max()}, but the model's "
                     f"output has shape {output_shape}, so labels must lie in 0..{n_classes - 1}."
                 )
     else:
@@ -183,8 +182,8 @@ class SessionRun:
 
         from pytensor_ml.model import Model
 
-        # Every layer drew its initial values when it was built; redrawing them from the seed makes
-        # the same seed start from the same weights, which resuming and comparing runs rely on.
+        # Every layer drew its initial values when it was built. Redrawing them from the seed makes
+        # one seed start from the same weights, which resuming and comparing runs rely on.
         Model(model.output).initialize(seed=seed)
         self.model = model
         self.batch_size = batch_size
@@ -330,7 +329,7 @@ class SessionRun:
         ``before_step`` runs before every step and returns True to end the epoch early, in which
         case this returns None and the steps taken so far stay applied. ``on_step`` receives a
         report about every ``report_every_s`` seconds with the durations of the steps since the
-        last one; ``on_statistics`` receives the step and per-parameter statistics every
+        last one. ``on_statistics`` receives the step and per-parameter statistics every
         ``statistics_every_steps`` steps, but not more often than once per
         ``statistics_min_interval_s`` seconds.
 

@@ -284,7 +284,7 @@ class Worker:
         tags = ["final", "latest"] if state == trainer_pb2.STOPPED else ["latest"]
         if last_saved_step != run.step:
             parameter_set = self._save(epoch=self._epochs_done(), metrics={}, tags=tags)
-            # Request id 0 tells the trainer of a set it did not ask for, so it records the id.
+            # Request id 0 marks a set that no command requested, so the trainer only records its id.
             self.report(trainer_pb2.WorkerReport(
                 checkpoint_saved=trainer_pb2.CheckpointSaved(request_id=0, parameter_set_id=parameter_set.id)
             ))

@@ -34,7 +34,7 @@ def stop_all(engine) -> None:
 
 
 def wait_devices_free(engine, timeout_s: float = 30.0):
-    """Wait until no device holds a session; a device is freed when its session process exits."""
+    """Wait until no device has a session, because a device is freed only when its session process exits."""
     deadline = time.monotonic() + timeout_s
     devices = engine.get_devices()
     while any(device.session_ids for device in devices.devices) and time.monotonic() < deadline:
