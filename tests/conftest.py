@@ -34,7 +34,21 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def compile_cache() -> pathlib.Path:
+    """Return the shared compile cache, filled once with the digits perceptron's step functions.
+
+    Compiling here, once, spares session processes that start together (three trainers in one
+    test, each pinning its session to its own "cpu:0", which is the same core) from each paying
+    the cold Numba compilation at the same time.
+    """
     COMPILE_CACHE.mkdir(parents=True, exist_ok=True)
+    from lasagne_engine.client.demo import MODEL_SOURCE, digits_split
+    from lasagne_engine.modeldef import build_model
+    from lasagne_engine.trainer.training import SessionRun, TrainingData
+
+    arrays = digits_split()
+    data = TrainingData(arrays["X_train"], arrays["y_train"], arrays["X_val"], arrays["y_val"])
+    built = build_model(MODEL_SOURCE.read_text(), {})
+    SessionRun(built, data, optimizer="adam", learning_rate=1e-3, batch_size=32, seed=0, statistics_every_steps=50).compile()
     return COMPILE_CACHE
 
 
