@@ -47,8 +47,12 @@ def compile_cache() -> pathlib.Path:
 
     arrays = digits_split()
     data = TrainingData(arrays["X_train"], arrays["y_train"], arrays["X_val"], arrays["y_val"])
-    built = build_model(MODEL_SOURCE.read_text(), {})
-    SessionRun(built, data, optimizer="adam", learning_rate=1e-3, batch_size=32, seed=0, statistics_every_steps=50).compile()
+    # The demo's shapes, and the small ones most session tests use: static shapes are part of
+    # the compiled code, so each pair fills its own cache entries.
+    for hidden_units, batch_size in ((128, 32), (32, 8)):
+        built = build_model(MODEL_SOURCE.read_text(), {"hidden_units": hidden_units})
+        SessionRun(built, data, optimizer="adam", learning_rate=1e-3, batch_size=batch_size, seed=0,
+                   statistics_every_steps=50).compile()
     return COMPILE_CACHE
 
 
