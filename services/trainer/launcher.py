@@ -24,12 +24,28 @@ _WITHHELD_PREFIXES = ("LASAGNE_ENGINE_TOKEN", "LASAGNE_ENGINE_TLS_", "LASAGNE_EN
 
 # Pins the process to one core before anything imports numpy or gRPC, whose thread pools would
 # otherwise start on every core: a thread takes the affinity of the thread that created it.
+# Arguments: the core, the module to run as __main__, then that module's arguments.
 _PINNED_START = (
     "import os, runpy, sys; "
     "os.sched_setaffinity(0, {int(sys.argv[1])}); "
-    "sys.argv = [sys.argv[0], *sys.argv[2:]]; "
-    "runpy.run_module('lasagne_engine.trainer.worker', run_name='__main__', alter_sys=True)"
+    "module = sys.argv[2]; "
+    "sys.argv = [sys.argv[0], *sys.argv[3:]]; "
+    "runpy.run_module(module, run_name='__main__', alter_sys=True)"
 )
+# Thread counts of the math libraries; a process pinned to one core gets one thread in each.
+THREAD_COUNT_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
+
+
+def limit_threads_to_one_core(environment: dict[str, str]) -> None:
+    """Give every math library in a process started with ``environment`` a single thread."""
+    for variable in THREAD_COUNT_VARIABLES:
+        environment[variable] = "1"
+    environment["XLA_FLAGS"] = (environment.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
+
+
+def pinned_command(python_executable: str, core: int, module: str, arguments: list[str]) -> list[str]:
+    """Return the command that runs ``python -m module arguments`` pinned to ``core`` from its start."""
+    return [python_executable, "-c", _PINNED_START, str(core), module, *arguments]
 
 
 @dataclass
@@ -124,10 +140,7 @@ class LocalLauncher:
             environment["CUDA_VISIBLE_DEVICES"] = ""
             environment.setdefault("JAX_PLATFORMS", "cpu")
         if request.cpu_core is not None:
-            # One thread per session for the math libraries, matching the one core it is pinned to.
-            for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
-                environment[variable] = "1"
-            environment["XLA_FLAGS"] = (environment.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
+            limit_threads_to_one_core(environment)
         if self.data_cache is not None:
             environment.setdefault("LASAGNE_ENGINE_DATA_CACHE", str(self.data_cache))
         environment[TOKEN_VARIABLE] = request.token
@@ -140,7 +153,7 @@ class LocalLauncher:
     def command(self, request: LaunchRequest) -> list[str]:
         arguments = ["--session-id", request.session_id, "--trainer", request.trainer_address]
         if request.cpu_core is not None and hasattr(os, "sched_setaffinity"):
-            return [self.python_executable, "-c", _PINNED_START, str(request.cpu_core), *arguments]
+            return pinned_command(self.python_executable, request.cpu_core, "lasagne_engine.trainer.worker", arguments)
         return [self.python_executable, "-m", "lasagne_engine.trainer.worker", *arguments]
 
     def launch(self, request: LaunchRequest, on_exit: Callable[[int, str], None]) -> LocalProcess:

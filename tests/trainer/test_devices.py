@@ -1,10 +1,14 @@
+import json
+import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
 from lasagne_engine.trainer import devices
 from lasagne_engine.trainer.devices import backend_for, cpu_devices, discover_devices, discover_gpus, estimate_session_bytes
-from lasagne_engine.trainer.launcher import LaunchRequest, LocalLauncher
+from lasagne_engine.trainer.launcher import LaunchRequest, LocalLauncher, limit_threads_to_one_core, pinned_command
 
 
 @pytest.fixture
@@ -91,6 +95,33 @@ def test_cpu_session_is_pinned_and_sees_no_gpu(tmp_path, monkeypatch):
     assert command[1] == "-c"
     assert "sched_setaffinity" in command[2]
     assert command[3] == "1"
+
+
+THREAD_AFFINITIES = """
+import json, os, sys
+import numpy
+# Every thread of the process, numpy's math library pool included.
+cores = {tid: sorted(os.sched_getaffinity(int(tid))) for tid in os.listdir("/proc/self/task")}
+print(json.dumps({"argv": sys.argv[1:], "cores": cores, "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS")}))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity needs Linux")
+def test_pinned_command_pins_every_thread(tmp_path):
+    (tmp_path / "thread_affinities.py").write_text(THREAD_AFFINITIES)
+    core = max(os.sched_getaffinity(0))
+    environment = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    limit_threads_to_one_core(environment)
+
+    completed = subprocess.run(
+        pinned_command(sys.executable, core, "thread_affinities", ["--flag", "value"]),
+        env=environment, capture_output=True, text=True, timeout=60, check=True,
+    )
+    reported = json.loads(completed.stdout)
+
+    assert reported["argv"] == ["--flag", "value"]
+    assert reported["blas_threads"] == "1"
+    assert set(map(tuple, reported["cores"].values())) == {(core,)}
 
 
 def test_estimate_counts_optimizer_slots():
