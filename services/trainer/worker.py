@@ -61,7 +61,7 @@ class Worker:
     is never interrupted halfway.
     """
 
-    def __init__(self, spec: trainer_pb2.SessionSpec, report, commands: queue.Queue):
+    def __init__(self, spec: trainer_pb2.SessionSpec, report, commands: queue.Queue | queue.SimpleQueue):
         from lasagne_engine.client import Engine
 
         self.spec = spec
@@ -148,6 +148,9 @@ class Worker:
             When a stop or release command arrived.
         """
         while True:
+            # Checked before every step: empty() costs far less than a get_nowait() that raises.
+            if self.commands.empty():
+                return False
             try:
                 command = self.commands.get_nowait()
             except queue.Empty:
@@ -388,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("Session %s: the trainer sent %s before start", arguments.session_id, first.WhichOneof("command"))
         return 3
 
-    received: queue.Queue = queue.Queue()
+    received: queue.SimpleQueue = queue.SimpleQueue()
 
     def follow_commands() -> None:
         try:
