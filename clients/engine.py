@@ -1657,14 +1657,16 @@ def _upload_frames(
     chunk_bytes: int,
     roles: Mapping[str, str] | None = None,
 ) -> Iterator[Any]:
-    """Yield the info frame, then each array's header and chunks, converting one array at a time.
+    """Yield the info frame, then each array's header and chunks, converting one array at a time, then the end frame.
 
     Chunks come as encoded frames (:func:`lasagne_engine.framing.encode_chunk`), each one copy of a
     slice of the array, for :func:`lasagne_engine.framing.frame_serializer` to send as they are.
     """
     tag = framing.chunk_tag(request_type.DESCRIPTOR.fields_by_name["chunk"].number)
     yield request_type(info=info)
+    array_count = 0
     for name, array in arrays:
+        array_count += 1
         contiguous = as_contiguous(array)
         header = header_for(name, contiguous, role=(roles or {}).get(name, ""))
         # NOTE: as_contiguous (numpy.ascontiguousarray) turns a 0-d array into shape (1,), so the
@@ -1674,6 +1676,8 @@ def _upload_frames(
         yield request_type(header=header)
         for view in _chunk_views(contiguous, chunk_bytes):
             yield framing.encode_chunk(tag, view)
+    # The services store the upload only once this frame arrives.
+    yield request_type(end=arrays_pb2.UploadEnd(array_count=array_count))
 
 
 def _chunk_views(array: np.ndarray, chunk_bytes: int) -> Iterator[memoryview]:

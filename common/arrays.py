@@ -252,3 +252,29 @@ class UploadLimits:
                 f"{self.max_chunk_bytes} bytes per chunk; send smaller chunks (LASAGNE_ENGINE_CHUNK_BYTES on "
                 "the client) or raise LASAGNE_ENGINE_MAX_CHUNK_BYTES on the server."
             )
+
+
+def check_upload_end(end: arrays_pb2.UploadEnd | None, *, what: str, array_count: int) -> None:
+    """Check that an upload stream closed with its end frame and sent as many arrays as it declares.
+
+    ``end`` is None when the stream ended without an end frame. When a client cancels its call,
+    grpcio 1.85's server can end the request stream as if the client had closed it normally, so
+    only this frame shows that the client sent everything it meant to.
+
+    Raises
+    ------
+    InvalidArgument
+        If the end frame is missing or declares another number of arrays than ``array_count``.
+    """
+    if end is None:
+        arrays = "1 array" if array_count == 1 else f"{array_count} arrays"
+        raise InvalidArgument(
+            f"The upload of {what} ended after {arrays} without an end frame, so nothing was "
+            "stored: the client stopped midway, or does not send the frame. Send an 'end' frame with the "
+            "number of arrays last."
+        )
+    if end.array_count != array_count:
+        raise InvalidArgument(
+            f"The upload of {what} declares {end.array_count} arrays in its end frame but sent {array_count}; "
+            "nothing was stored. Send a header and the chunks of every array before the end frame."
+        )

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1elasagne_engine/v1/arrays.proto\x12\x11lasagne_engine.v1\"g\n\x0b\x41rrayHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06nbytes\x18\x04 \x01(\x03\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x0c\n\x04role\x18\x06 \x01(\t\"X\n\nArrayFrame\x12\x30\n\x06header\x18\x01 \x01(\x0b\x32\x1e.lasagne_engine.v1.ArrayHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x07\n\x05\x66rameb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1elasagne_engine/v1/arrays.proto\x12\x11lasagne_engine.v1\"g\n\x0b\x41rrayHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06nbytes\x18\x04 \x01(\x03\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x0c\n\x04role\x18\x06 \x01(\t\"X\n\nArrayFrame\x12\x30\n\x06header\x18\x01 \x01(\x0b\x32\x1e.lasagne_engine.v1.ArrayHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x07\n\x05\x66rame\" \n\tUploadEnd\x12\x13\n\x0b\x61rray_count\x18\x01 \x01(\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,4 +35,6 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ARRAYHEADER']._serialized_end=156
   _globals['_ARRAYFRAME']._serialized_start=158
   _globals['_ARRAYFRAME']._serialized_end=246
+  _globals['_UPLOADEND']._serialized_start=248
+  _globals['_UPLOADEND']._serialized_end=280
 # @@protoc_insertion_point(module_scope)

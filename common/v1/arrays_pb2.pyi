@@ -29,3 +29,9 @@ class ArrayFrame(_message.Message):
     header: ArrayHeader
     chunk: bytes
     def __init__(self, header: _Optional[_Union[ArrayHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+
+class UploadEnd(_message.Message):
+    __slots__ = ("array_count",)
+    ARRAY_COUNT_FIELD_NUMBER: _ClassVar[int]
+    array_count: int
+    def __init__(self, array_count: _Optional[int] = ...) -> None: ...

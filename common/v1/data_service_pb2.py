@@ -27,7 +27,7 @@ from lasagne_engine.v1 import arrays_pb2 as lasagne__engine_dot_v1_dot_arrays__p
 from lasagne_engine.v1 import storage_pb2 as lasagne__engine_dot_v1_dot_storage__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$lasagne_engine/v1/data_service.proto\x12\x11lasagne_engine.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1elasagne_engine/v1/arrays.proto\x1a\x1flasagne_engine/v1/storage.proto\"0\n\x0b\x44\x61tasetInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"\x92\x01\n\x14UploadDatasetRequest\x12.\n\x04info\x18\x01 \x01(\x0b\x32\x1e.lasagne_engine.v1.DatasetInfoH\x00\x12\x30\n\x06header\x18\x02 \x01(\x0b\x32\x1e.lasagne_engine.v1.ArrayHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x03 \x01(\x0cH\x00\x42\x07\n\x05\x66rame\"\xb9\x01\n\x0e\x44\x61tasetVersion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12.\n\x06\x61rrays\x18\x04 \x03(\x0b\x32\x1e.lasagne_engine.v1.ArrayHeader\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x03\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"#\n\x13ListDatasetsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"K\n\x14ListDatasetsResponse\x12\x33\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32!.lasagne_engine.v1.DatasetVersion\"%\n\x16\x44\x65scribeDatasetRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\"]\n\x14\x44ownloadArrayRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\r\n\x05\x61rray\x18\x02 \x01(\t\x12\x14\n\x0cstart_offset\x18\x03 \x01(\x03\x12\x13\n\x0b\x63hunk_bytes\x18\x04 \x01(\x03\":\n\x14\x44\x65leteDatasetRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\x15\n\rallow_missing\x18\x02 \x01(\x08\"1\n\x15\x44\x65leteDatasetResponse\x12\x18\n\x10\x64\x65leted_versions\x18\x01 \x03(\x05\x32\xd4\x04\n\x0b\x44\x61taService\x12]\n\rUploadDataset\x12\'.lasagne_engine.v1.UploadDatasetRequest\x1a!.lasagne_engine.v1.DatasetVersion(\x01\x12_\n\x0cListDatasets\x12&.lasagne_engine.v1.ListDatasetsRequest\x1a\'.lasagne_engine.v1.ListDatasetsResponse\x12_\n\x0f\x44\x65scribeDataset\x12).lasagne_engine.v1.DescribeDatasetRequest\x1a!.lasagne_engine.v1.DatasetVersion\x12Y\n\rDownloadArray\x12\'.lasagne_engine.v1.DownloadArrayRequest\x1a\x1d.lasagne_engine.v1.ArrayFrame0\x01\x12\x62\n\rDeleteDataset\x12\'.lasagne_engine.v1.DeleteDatasetRequest\x1a(.lasagne_engine.v1.DeleteDatasetResponse\x12\x65\n\x0e\x43ollectGarbage\x12(.lasagne_engine.v1.CollectGarbageRequest\x1a).lasagne_engine.v1.CollectGarbageResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$lasagne_engine/v1/data_service.proto\x12\x11lasagne_engine.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1elasagne_engine/v1/arrays.proto\x1a\x1flasagne_engine/v1/storage.proto\"0\n\x0b\x44\x61tasetInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"\xbf\x01\n\x14UploadDatasetRequest\x12.\n\x04info\x18\x01 \x01(\x0b\x32\x1e.lasagne_engine.v1.DatasetInfoH\x00\x12\x30\n\x06header\x18\x02 \x01(\x0b\x32\x1e.lasagne_engine.v1.ArrayHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x03 \x01(\x0cH\x00\x12+\n\x03\x65nd\x18\x04 \x01(\x0b\x32\x1c.lasagne_engine.v1.UploadEndH\x00\x42\x07\n\x05\x66rame\"\xb9\x01\n\x0e\x44\x61tasetVersion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12.\n\x06\x61rrays\x18\x04 \x03(\x0b\x32\x1e.lasagne_engine.v1.ArrayHeader\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x03\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"#\n\x13ListDatasetsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"K\n\x14ListDatasetsResponse\x12\x33\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32!.lasagne_engine.v1.DatasetVersion\"%\n\x16\x44\x65scribeDatasetRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\"]\n\x14\x44ownloadArrayRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\r\n\x05\x61rray\x18\x02 \x01(\t\x12\x14\n\x0cstart_offset\x18\x03 \x01(\x03\x12\x13\n\x0b\x63hunk_bytes\x18\x04 \x01(\x03\":\n\x14\x44\x65leteDatasetRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\x15\n\rallow_missing\x18\x02 \x01(\x08\"1\n\x15\x44\x65leteDatasetResponse\x12\x18\n\x10\x64\x65leted_versions\x18\x01 \x03(\x05\x32\xd4\x04\n\x0b\x44\x61taService\x12]\n\rUploadDataset\x12\'.lasagne_engine.v1.UploadDatasetRequest\x1a!.lasagne_engine.v1.DatasetVersion(\x01\x12_\n\x0cListDatasets\x12&.lasagne_engine.v1.ListDatasetsRequest\x1a\'.lasagne_engine.v1.ListDatasetsResponse\x12_\n\x0f\x44\x65scribeDataset\x12).lasagne_engine.v1.DescribeDatasetRequest\x1a!.lasagne_engine.v1.DatasetVersion\x12Y\n\rDownloadArray\x12\'.lasagne_engine.v1.DownloadArrayRequest\x1a\x1d.lasagne_engine.v1.ArrayFrame0\x01\x12\x62\n\rDeleteDataset\x12\'.lasagne_engine.v1.DeleteDatasetRequest\x1a(.lasagne_engine.v1.DeleteDatasetResponse\x12\x65\n\x0e\x43ollectGarbage\x12(.lasagne_engine.v1.CollectGarbageRequest\x1a).lasagne_engine.v1.CollectGarbageResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,21 +37,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DATASETINFO']._serialized_start=157
   _globals['_DATASETINFO']._serialized_end=205
   _globals['_UPLOADDATASETREQUEST']._serialized_start=208
-  _globals['_UPLOADDATASETREQUEST']._serialized_end=354
-  _globals['_DATASETVERSION']._serialized_start=357
-  _globals['_DATASETVERSION']._serialized_end=542
-  _globals['_LISTDATASETSREQUEST']._serialized_start=544
-  _globals['_LISTDATASETSREQUEST']._serialized_end=579
-  _globals['_LISTDATASETSRESPONSE']._serialized_start=581
-  _globals['_LISTDATASETSRESPONSE']._serialized_end=656
-  _globals['_DESCRIBEDATASETREQUEST']._serialized_start=658
-  _globals['_DESCRIBEDATASETREQUEST']._serialized_end=695
-  _globals['_DOWNLOADARRAYREQUEST']._serialized_start=697
-  _globals['_DOWNLOADARRAYREQUEST']._serialized_end=790
-  _globals['_DELETEDATASETREQUEST']._serialized_start=792
-  _globals['_DELETEDATASETREQUEST']._serialized_end=850
-  _globals['_DELETEDATASETRESPONSE']._serialized_start=852
-  _globals['_DELETEDATASETRESPONSE']._serialized_end=901
-  _globals['_DATASERVICE']._serialized_start=904
-  _globals['_DATASERVICE']._serialized_end=1500
+  _globals['_UPLOADDATASETREQUEST']._serialized_end=399
+  _globals['_DATASETVERSION']._serialized_start=402
+  _globals['_DATASETVERSION']._serialized_end=587
+  _globals['_LISTDATASETSREQUEST']._serialized_start=589
+  _globals['_LISTDATASETSREQUEST']._serialized_end=624
+  _globals['_LISTDATASETSRESPONSE']._serialized_start=626
+  _globals['_LISTDATASETSRESPONSE']._serialized_end=701
+  _globals['_DESCRIBEDATASETREQUEST']._serialized_start=703
+  _globals['_DESCRIBEDATASETREQUEST']._serialized_end=740
+  _globals['_DOWNLOADARRAYREQUEST']._serialized_start=742
+  _globals['_DOWNLOADARRAYREQUEST']._serialized_end=835
+  _globals['_DELETEDATASETREQUEST']._serialized_start=837
+  _globals['_DELETEDATASETREQUEST']._serialized_end=895
+  _globals['_DELETEDATASETRESPONSE']._serialized_start=897
+  _globals['_DELETEDATASETRESPONSE']._serialized_end=946
+  _globals['_DATASERVICE']._serialized_start=949
+  _globals['_DATASERVICE']._serialized_end=1545
 # @@protoc_insertion_point(module_scope)

@@ -20,14 +20,16 @@ class DatasetInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ...) -> None: ...
 
 class UploadDatasetRequest(_message.Message):
-    __slots__ = ("info", "header", "chunk")
+    __slots__ = ("info", "header", "chunk", "end")
     INFO_FIELD_NUMBER: _ClassVar[int]
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
     info: DatasetInfo
     header: _arrays_pb2.ArrayHeader
     chunk: bytes
-    def __init__(self, info: _Optional[_Union[DatasetInfo, _Mapping]] = ..., header: _Optional[_Union[_arrays_pb2.ArrayHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+    end: _arrays_pb2.UploadEnd
+    def __init__(self, info: _Optional[_Union[DatasetInfo, _Mapping]] = ..., header: _Optional[_Union[_arrays_pb2.ArrayHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ..., end: _Optional[_Union[_arrays_pb2.UploadEnd, _Mapping]] = ...) -> None: ...
 
 class DatasetVersion(_message.Message):
     __slots__ = ("name", "version", "description", "arrays", "total_bytes", "created_at")

@@ -72,8 +72,8 @@ class DataServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def UploadDataset(self, request_iterator, context):
-        """Uploads a new version: one DatasetInfo frame, then each array as a header and its chunks.
-        The version becomes visible only after every byte has been stored.
+        """Uploads a new version: one DatasetInfo frame, each array as a header and its chunks, then an
+        UploadEnd frame. The version becomes visible only after the end frame and every byte are stored.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

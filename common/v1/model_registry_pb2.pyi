@@ -171,14 +171,16 @@ class ParameterSetInfo(_message.Message):
     def __init__(self, model: _Optional[str] = ..., session_id: _Optional[str] = ..., epoch: _Optional[int] = ..., step: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., tags: _Optional[_Iterable[str]] = ..., parent_id: _Optional[str] = ...) -> None: ...
 
 class SaveParameterSetRequest(_message.Message):
-    __slots__ = ("info", "header", "chunk")
+    __slots__ = ("info", "header", "chunk", "end")
     INFO_FIELD_NUMBER: _ClassVar[int]
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
     info: ParameterSetInfo
     header: _arrays_pb2.ArrayHeader
     chunk: bytes
-    def __init__(self, info: _Optional[_Union[ParameterSetInfo, _Mapping]] = ..., header: _Optional[_Union[_arrays_pb2.ArrayHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+    end: _arrays_pb2.UploadEnd
+    def __init__(self, info: _Optional[_Union[ParameterSetInfo, _Mapping]] = ..., header: _Optional[_Union[_arrays_pb2.ArrayHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ..., end: _Optional[_Union[_arrays_pb2.UploadEnd, _Mapping]] = ...) -> None: ...
 
 class ListParameterSetsRequest(_message.Message):
     __slots__ = ("model", "session_id", "tag")

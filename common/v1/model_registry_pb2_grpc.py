@@ -137,8 +137,8 @@ class ModelRegistryServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SaveParameterSet(self, request_iterator, context):
-        """Stores a parameter set: one ParameterSetInfo frame, then each array as a header and its chunks.
-        The set becomes visible only after every byte has been stored.
+        """Stores a parameter set: one ParameterSetInfo frame, each array as a header and its chunks, then
+        an UploadEnd frame. The set becomes visible only after the end frame and every byte are stored.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

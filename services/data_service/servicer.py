@@ -7,7 +7,7 @@ from collections.abc import Iterable, Iterator
 import grpc
 
 from lasagne_engine import framing
-from lasagne_engine.arrays import UploadLimits
+from lasagne_engine.arrays import UploadLimits, check_upload_end
 from lasagne_engine.config import StreamLimits
 from lasagne_engine.data_service.store import ArrayRecord, DatasetRecord, DatasetStore
 from lasagne_engine.errors import EngineError, InvalidArgument, grpc_errors
@@ -75,8 +75,14 @@ class DataServiceServicer(data_service_pb2_grpc.DataServiceServicer):
                 total_setting="LASAGNE_ENGINE_MAX_DATASET_BYTES",
                 max_chunk_bytes=self.limits.max_chunk_bytes,
             )
+            end = None
             for frame in frames:
                 kind = _frame_kind(frame)
+                if end is not None:
+                    raise InvalidArgument(
+                        f"Upload of dataset {upload.name!r} received a {kind!r} frame after its end frame; "
+                        "the end frame comes last."
+                    )
                 if kind == "chunk":
                     chunk = frame if isinstance(frame, memoryview) else frame.chunk
                     limits.check_chunk(chunk)
@@ -84,6 +90,8 @@ class DataServiceServicer(data_service_pb2_grpc.DataServiceServicer):
                 elif kind == "header":
                     limits.check_header(frame.header)
                     upload.start_array(frame.header)
+                elif kind == "end":
+                    end = frame.end
                 elif kind == "info":
                     raise InvalidArgument(
                         f"Upload of dataset {upload.name!r} received a second 'info' frame; "
@@ -92,8 +100,9 @@ class DataServiceServicer(data_service_pb2_grpc.DataServiceServicer):
                 else:
                     raise InvalidArgument(
                         f"Upload of dataset {upload.name!r} received a frame with no field set; "
-                        "set one of info, header or chunk in each frame."
+                        "set one of info, header, chunk or end in each frame."
                     )
+            check_upload_end(end, what=f"dataset {upload.name!r}", array_count=upload.finish_arrays())
             record = upload.commit()
 
         return _dataset_version(record)

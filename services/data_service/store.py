@@ -221,6 +221,18 @@ class Upload:
             )
         self._receiver.add(chunk)
 
+    def finish_arrays(self) -> int:
+        """Finish the array in progress, if any, and return how many arrays the upload has.
+
+        Raises
+        ------
+        InvalidArgument
+            If the last array did not receive exactly its bytes.
+        """
+        self._check_open()
+        self._finish_array()
+        return len(self._arrays)
+
     def commit(self) -> DatasetRecord:
         """Finish the last array and make the upload visible as the dataset's next version.
 

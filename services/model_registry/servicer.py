@@ -8,7 +8,7 @@ import grpc
 from google.protobuf import json_format, struct_pb2
 
 from lasagne_engine import framing
-from lasagne_engine.arrays import UploadLimits
+from lasagne_engine.arrays import UploadLimits, check_upload_end
 from lasagne_engine.config import StreamLimits
 from lasagne_engine.errors import InvalidArgument, grpc_errors
 from lasagne_engine.model_registry import records, store
@@ -187,8 +187,14 @@ class ModelRegistryServicer(model_registry_pb2_grpc.ModelRegistryServicer):
 def _receive_arrays(
     upload: ParameterSetUpload, frames: Iterator[model_registry_pb2.SaveParameterSetRequest], limits: UploadLimits
 ) -> None:
+    """Store the arrays of a save stream in ``upload``, and check that the stream closed with its end frame."""
+    end = None
     for frame in frames:
         kind = _frame_kind(frame)
+        if end is not None:
+            raise InvalidArgument(
+                f"Parameter set {upload.id} received a {kind!r} frame after its end frame; the end frame comes last."
+            )
         if kind == "header":
             limits.check_header(frame.header)
             upload.begin_array(frame.header)
@@ -196,14 +202,17 @@ def _receive_arrays(
             chunk = frame if isinstance(frame, memoryview) else frame.chunk
             limits.check_chunk(chunk)
             upload.write(chunk)
+        elif kind == "end":
+            end = frame.end
         elif kind == "info":
             raise InvalidArgument(
                 f"Parameter set {upload.id} received a second ParameterSetInfo frame; send it once, first."
             )
         else:
             raise InvalidArgument(
-                f"Parameter set {upload.id} received a frame with none of info, header or chunk set."
+                f"Parameter set {upload.id} received a frame with none of info, header, chunk or end set."
             )
+    check_upload_end(end, what=f"parameter set {upload.id}", array_count=upload.finish_arrays())
 
 
 def _frame_kind(frame) -> str | None:

@@ -88,6 +88,17 @@ class ParameterSetUpload:
             )
         self._receiver.add(chunk)
 
+    def finish_arrays(self) -> int:
+        """Finish the array in progress, if any, and return how many arrays the set has.
+
+        Raises
+        ------
+        InvalidArgument
+            If the last array is incomplete or fails its sha256 check.
+        """
+        self._finish_array()
+        return len(self._arrays)
+
     def commit(self) -> ParameterSet:
         """Finish the last array and make the parameter set visible, whole.
 

@@ -105,7 +105,8 @@ def test_upload_sends_info_then_arrays(start_data_service):
     kinds = [kind for kind, _ in frames]
     x_chunks = -(-X.nbytes // CHUNK_BYTES)
     y_chunks = -(-y.nbytes // CHUNK_BYTES)
-    assert kinds == ["info", "header", *["chunk"] * x_chunks, "header", *["chunk"] * y_chunks]
+    assert kinds == ["info", "header", *["chunk"] * x_chunks, "header", *["chunk"] * y_chunks, "end"]
+    assert frames[-1][1].array_count == 2
 
     x_header = frames[1][1]
     y_header = frames[2 + x_chunks][1]
@@ -114,7 +115,7 @@ def test_upload_sends_info_then_arrays(start_data_service):
     assert y_header.dtype == "<i4"
 
     x_data = [value for _, value in frames[2 : 2 + x_chunks]]
-    y_data = [value for _, value in frames[3 + x_chunks :]]
+    y_data = [value for _, value in frames[3 + x_chunks : -1]]
     assert all(len(chunk) <= CHUNK_BYTES for chunk in x_data + y_data)
     assert b"".join(x_data) == c_order_bytes(X)
     assert b"".join(y_data) == c_order_bytes(y)

@@ -93,6 +93,10 @@ def chunk_frame(chunk: bytes) -> data_service_pb2.UploadDatasetRequest:
     return data_service_pb2.UploadDatasetRequest(chunk=chunk)
 
 
+def end_frame(array_count: int) -> data_service_pb2.UploadDatasetRequest:
+    return data_service_pb2.UploadDatasetRequest(end=arrays_pb2.UploadEnd(array_count=array_count))
+
+
 def upload_frames(
     name: str, arrays: dict[str, np.ndarray], *, chunk_bytes: int = 1 << 16, description: str = "", with_sha256=True
 ) -> list[data_service_pb2.UploadDatasetRequest]:
@@ -103,6 +107,7 @@ def upload_frames(
         array = np.asarray(array, order="C")
         frames.append(header_frame(header_of(array_name, array, sha256=sha256_hex(array) if with_sha256 else "")))
         frames.extend(chunk_frame(chunk) for chunk in split_bytes(array.tobytes(), chunk_bytes))
+    frames.append(end_frame(len(arrays)))
     return frames
 
 

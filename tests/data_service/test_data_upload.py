@@ -8,6 +8,7 @@ from data_service_harness import (
     assert_rejected,
     chunk_frame,
     download,
+    end_frame,
     header_frame,
     header_of,
     info_frame,
@@ -222,9 +223,36 @@ class TestRejectedUploads:
 
     def test_empty_dataset(self, data_service):
         with pytest.raises(grpc.RpcError) as error_info:
-            data_service.stub.UploadDataset(iter([info_frame("d")]))
+            data_service.stub.UploadDataset(iter([info_frame("d"), end_frame(0)]))
 
         assert_rejected(error_info, grpc.StatusCode.INVALID_ARGUMENT, "empty dataset", "'d'")
+        assert_nothing_stored(data_service, "d")
+
+    def test_missing_end_frame(self, data_service):
+        frames = upload_frames("d", {"x": np.ones(2), "y": np.zeros(3)})[:-1]
+
+        with pytest.raises(grpc.RpcError) as error_info:
+            data_service.stub.UploadDataset(iter(frames))
+
+        assert_rejected(error_info, grpc.StatusCode.INVALID_ARGUMENT, "after 2 arrays without an end frame", "'d'")
+        assert_nothing_stored(data_service, "d")
+
+    def test_end_frame_with_wrong_count(self, data_service):
+        frames = [*upload_frames("d", {"x": np.ones(2)})[:-1], end_frame(2)]
+
+        with pytest.raises(grpc.RpcError) as error_info:
+            data_service.stub.UploadDataset(iter(frames))
+
+        assert_rejected(error_info, grpc.StatusCode.INVALID_ARGUMENT, "declares 2 arrays in its end frame but sent 1")
+        assert_nothing_stored(data_service, "d")
+
+    def test_frame_after_end(self, data_service):
+        frames = [*upload_frames("d", {"x": np.ones(2)}), chunk_frame(b"\0" * 8)]
+
+        with pytest.raises(grpc.RpcError) as error_info:
+            data_service.stub.UploadDataset(iter(frames))
+
+        assert_rejected(error_info, grpc.StatusCode.INVALID_ARGUMENT, "'chunk' frame after its end frame")
         assert_nothing_stored(data_service, "d")
 
     def test_no_frames(self, data_service):
@@ -244,7 +272,7 @@ class TestRejectedUploads:
         data_service.assert_serving()
 
     def test_second_info(self, data_service):
-        frames = [*upload_frames("d", {"x": np.ones(2)}), info_frame("other")]
+        frames = [*upload_frames("d", {"x": np.ones(2)})[:-1], info_frame("other")]
 
         with pytest.raises(grpc.RpcError) as error_info:
             data_service.stub.UploadDataset(iter(frames))
@@ -281,7 +309,7 @@ class TestRejectedUploads:
         assert_nothing_stored(data_service, "d")
 
     def test_duplicate_array_name(self, data_service):
-        frames = upload_frames("d", {"x": np.ones(2)})
+        frames = upload_frames("d", {"x": np.ones(2)})[:-1]
         frames += upload_frames("d", {"x": np.zeros(2)})[1:]
 
         with pytest.raises(grpc.RpcError) as error_info:

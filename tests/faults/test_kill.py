@@ -18,7 +18,7 @@ from lasagne_engine.arrays import header_for, iter_chunks
 from lasagne_engine.client import Engine, UnavailableError
 from lasagne_engine.client import engine as engine_module
 from lasagne_engine.config import StreamLimits
-from lasagne_engine.v1 import data_service_pb2, data_service_pb2_grpc, model_registry_pb2, model_registry_pb2_grpc
+from lasagne_engine.v1 import arrays_pb2, data_service_pb2, data_service_pb2_grpc, model_registry_pb2, model_registry_pb2_grpc
 from tests.security.services import MODEL_NAME
 
 CHUNK_BYTES = 64 << 10
@@ -69,6 +69,7 @@ def save_frames(arrays: dict[str, np.ndarray], **info) -> list:
     for name, array in arrays.items():
         frames.append(model_registry_pb2.SaveParameterSetRequest(header=header_for(name, array, role="trainable")))
         frames.extend(model_registry_pb2.SaveParameterSetRequest(chunk=chunk) for chunk in iter_chunks(array, CHUNK_BYTES))
+    frames.append(model_registry_pb2.SaveParameterSetRequest(end=arrays_pb2.UploadEnd(array_count=len(arrays))))
     return frames
 
 
@@ -77,6 +78,7 @@ def upload_frames(name: str, arrays: dict[str, np.ndarray]) -> list:
     for array_name, array in arrays.items():
         frames.append(data_service_pb2.UploadDatasetRequest(header=header_for(array_name, array)))
         frames.extend(data_service_pb2.UploadDatasetRequest(chunk=chunk) for chunk in iter_chunks(array, CHUNK_BYTES))
+    frames.append(data_service_pb2.UploadDatasetRequest(end=arrays_pb2.UploadEnd(array_count=len(arrays))))
     return frames
 
 

@@ -9,7 +9,7 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 
 from lasagne_engine.arrays import ArrayBuffer, header_for, iter_chunks
-from lasagne_engine.v1 import model_registry_pb2
+from lasagne_engine.v1 import arrays_pb2, model_registry_pb2
 
 
 def save_frames(
@@ -19,12 +19,13 @@ def save_frames(
     chunk_bytes: int = 1 << 16,
     role: str = "trainable",
 ) -> Iterator[model_registry_pb2.SaveParameterSetRequest]:
-    """Yield the frames of a SaveParameterSet stream: the info, then each array's header and chunks."""
+    """Yield the frames of a SaveParameterSet stream: the info, each array's header and chunks, and the end."""
     yield model_registry_pb2.SaveParameterSetRequest(info=info)
     for name, array in arrays.items():
         yield model_registry_pb2.SaveParameterSetRequest(header=header_for(name, array, role=role))
         for chunk in iter_chunks(array, chunk_bytes):
             yield model_registry_pb2.SaveParameterSetRequest(chunk=chunk)
+    yield model_registry_pb2.SaveParameterSetRequest(end=arrays_pb2.UploadEnd(array_count=len(arrays)))
 
 
 def load_arrays(stub, set_id: str, *, chunk_bytes: int = 0, names=()) -> dict[str, np.ndarray]:

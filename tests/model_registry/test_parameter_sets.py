@@ -248,9 +248,26 @@ REJECTED_STREAMS = {
         "Invalid array name '../w'",
     ),
     "no-arrays": (
-        lambda arrays: [Request(info=info())],
+        lambda arrays: [Request(info=info()), Request(end=arrays_pb2.UploadEnd(array_count=0))],
         grpc.StatusCode.INVALID_ARGUMENT,
         "has no arrays",
+    ),
+    "missing-end": (
+        lambda arrays: header_frames(FOUR_FLOATS, b"\0" * 16),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "ended after 1 array without an end frame",
+    ),
+    "end-count-differs": (
+        lambda arrays: [*header_frames(FOUR_FLOATS, b"\0" * 16), Request(end=arrays_pb2.UploadEnd(array_count=3))],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "declares 3 arrays in its end frame but sent 1",
+    ),
+    "frame-after-end": (
+        lambda arrays: [
+            *header_frames(FOUR_FLOATS, b"\0" * 16), Request(end=arrays_pb2.UploadEnd(array_count=1)), Request(chunk=b"\0"),
+        ],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "'chunk' frame after its end frame",
     ),
     "unknown-model": (
         lambda arrays: [Request(info=info(model="nope")), *header_frames(FOUR_FLOATS, b"\0" * 16)[1:]],

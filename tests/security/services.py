@@ -15,6 +15,7 @@ from lasagne_engine.config import StreamLimits
 from lasagne_engine.data_service import create_server as create_data_server
 from lasagne_engine.model_registry import create_server as create_registry_server
 from lasagne_engine.v1 import (
+    arrays_pb2,
     data_service_pb2,
     data_service_pb2_grpc,
     model_registry_pb2,
@@ -58,6 +59,7 @@ def save_frames(info: model_registry_pb2.ParameterSetInfo, arrays: dict[str, np.
         yield model_registry_pb2.SaveParameterSetRequest(header=header_for(name, array, role="trainable"))
         for chunk in iter_chunks(array, chunk_bytes):
             yield model_registry_pb2.SaveParameterSetRequest(chunk=chunk)
+    yield model_registry_pb2.SaveParameterSetRequest(end=arrays_pb2.UploadEnd(array_count=len(arrays)))
 
 
 def upload_frames(name: str, arrays: dict[str, np.ndarray], *, chunk_bytes: int = 4096):
@@ -66,6 +68,7 @@ def upload_frames(name: str, arrays: dict[str, np.ndarray], *, chunk_bytes: int 
         yield data_service_pb2.UploadDatasetRequest(header=header_for(array_name, array))
         for chunk in iter_chunks(array, chunk_bytes):
             yield data_service_pb2.UploadDatasetRequest(chunk=chunk)
+    yield data_service_pb2.UploadDatasetRequest(end=arrays_pb2.UploadEnd(array_count=len(arrays)))
 
 
 def receive_arrays(frames) -> dict[str, np.ndarray]:

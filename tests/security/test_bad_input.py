@@ -20,7 +20,7 @@ from lasagne_engine.arrays import header_for, iter_chunks
 from lasagne_engine.config import StreamLimits
 from lasagne_engine.trainer import add_trainer
 from lasagne_engine.trainer.devices import cpu_devices
-from lasagne_engine.v1 import data_service_pb2, model_registry_pb2, trainer_pb2
+from lasagne_engine.v1 import arrays_pb2, data_service_pb2, model_registry_pb2, trainer_pb2
 
 from .messages import messages
 from .services import MODEL_NAME, start_services
@@ -215,7 +215,7 @@ def test_random_frame_sequences(services, thread_failures, role, method_name, fr
 
 MUTATIONS = [
     "none", "truncate", "repeat-chunk", "swap-chunks", "drop-header", "second-info",
-    "dtype", "shape", "nbytes", "sha256", "extra-bytes", "cancel",
+    "dtype", "shape", "nbytes", "sha256", "extra-bytes", "drop-end", "cancel",
 ]
 
 
@@ -258,7 +258,7 @@ def break_stream(header, chunks: list[bytes], mutation: str, index: int):
     # Another dtype of the same item size describes the same bytes, so that upload is valid.
     same_size = np.dtype(header.dtype).itemsize == np.dtype(original_header.dtype).itemsize
     valid = (
-        mutation not in ("drop-header", "second-info")
+        mutation not in ("drop-header", "second-info", "drop-end")
         and b"".join(chunks) == original_bytes
         and list(header.shape) == list(original_header.shape)
         and header.nbytes == original_header.nbytes
@@ -275,6 +275,8 @@ def mutated_frames(frame_class, info_frame, header, chunks, mutation):
     if mutation == "second-info":
         frames.append(info_frame)
     frames.extend(frame_class(chunk=chunk) for chunk in chunks)
+    if mutation != "drop-end":
+        frames.append(frame_class(end=arrays_pb2.UploadEnd(array_count=1)))
     return frames
 
 
@@ -329,7 +331,8 @@ def test_broken_dataset_uploads(services, thread_failures):
             assert code == grpc.StatusCode.OK, details
         else:
             assert code == grpc.StatusCode.INVALID_ARGUMENT, f"{mutation}: {code.name}: {details}"
-            assert "'w'" in details or "chunk before any array header" in details or "second 'info'" in details
+            expected = ("'w'", "chunk before any array header", "second 'info'", "without an end frame")
+            assert any(fragment in details for fragment in expected), details
         if code != grpc.StatusCode.OK:
             with pytest.raises(grpc.RpcError) as raised:
                 services.data_stub.DescribeDataset(data_service_pb2.DescribeDatasetRequest(ref=name), timeout=10)
@@ -359,7 +362,8 @@ def test_broken_parameter_set_saves(services, thread_failures):
             assert code == grpc.StatusCode.OK, details
         else:
             assert code == grpc.StatusCode.INVALID_ARGUMENT, f"{mutation}: {code.name}: {details}"
-            assert "'w'" in details or "before any array header" in details or "second ParameterSetInfo" in details
+            expected = ("'w'", "before any array header", "second ParameterSetInfo", "without an end frame")
+            assert any(fragment in details for fragment in expected), details
         if code != grpc.StatusCode.OK:
             request = model_registry_pb2.ListParameterSetsRequest(session_id=session_id)
             assert list(services.registry_stub.ListParameterSets(request, timeout=10).parameter_sets) == []
