@@ -1,3 +1,5 @@
+import contextlib
+import io
 import os
 import time
 
@@ -273,3 +275,67 @@ def test_parameter_set_in_use_cannot_be_deleted(two_devices):
 
     engine.delete_parameter_set(start_from)
     assert start_from not in {parameter_set.id for parameter_set in engine.list_parameter_sets()}
+
+
+def run_cli(arguments: list[str]) -> str:
+    """Run one ``lasagne-engine`` command in this process and return what it printed."""
+    from lasagne_engine.client.cli import main as cli_main
+
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output):
+        assert cli_main(arguments) == 0
+    return output.getvalue()
+
+
+def session_row(listing: str, session_id: str) -> list[str]:
+    """Return the cells of one session's row in the ``sessions`` table."""
+    rows = [line.split() for line in listing.splitlines() if line.split()[:1] == [session_id]]
+    assert len(rows) == 1, listing
+    return rows[0]
+
+
+def test_cli_controls_two_sessions_at_once(two_devices, monkeypatch):
+    engine = two_devices.engine
+    monkeypatch.setenv("LASAGNE_ENGINE_REGISTRY_ADDRESS", two_devices.registry.address)
+    monkeypatch.setenv("LASAGNE_ENGINE_DATA_ADDRESS", two_devices.data.address)
+    monkeypatch.setenv("LASAGNE_ENGINE_TRAINER_ADDRESS", two_devices.trainer.address)
+    session_ids = []
+    try:
+        for device in ("cpu:0", "cpu:1"):
+            started = run_cli(["train", "mlp", "digits", "--device", device, "--epochs", str(LONG), "--batch-size", "8"])
+            assert started.startswith("started session ")
+            assert started.strip().endswith(f"on {device}")
+            session_ids.append(started.split()[2])
+        first, second = session_ids
+        for session_id in session_ids:
+            wait_for_state(engine, session_id, {trainer_pb2.RUNNING})
+
+        listing = run_cli(["sessions"])
+        for session_id, device in zip(session_ids, ("cpu:0", "cpu:1")):
+            row = session_row(listing, session_id)
+            assert row[1] == "running"
+            assert row[4] == device
+
+        assert f"pause requested for {first}" in run_cli(["pause", first])
+        paused = wait_for_state(engine, first, {trainer_pb2.PAUSED}, timeout_s=60)
+        assert session_row(run_cli(["sessions"]), first)[1] == "paused"
+
+        changed = run_cli(["set-lr", second, "0.0005"])
+        assert changed.startswith(f"{second}: learning rate 0.001 -> 0.0005 at step ")
+        assert engine.get_session(second).hyperparameters.learning_rate == pytest.approx(5e-4)
+
+        assert f"resume requested for {first}" in run_cli(["resume", first])
+        wait_for_state(engine, first, {trainer_pb2.RUNNING}, timeout_s=60)
+        deadline = time.monotonic() + 60
+        while engine.get_session(first).step <= paused.step and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert engine.get_session(first).step > paused.step
+
+        for session_id in session_ids:
+            assert f"stop requested for {session_id}" in run_cli(["stop", session_id])
+        finals = [engine.wait_session(session_id, timeout_s=120) for session_id in session_ids]
+        assert [final.state for final in finals] == [trainer_pb2.STOPPED] * 2
+        listing = run_cli(["sessions"])
+        assert [session_row(listing, session_id)[1] for session_id in session_ids] == ["stopped", "stopped"]
+    finally:
+        stop_all(engine)
