@@ -299,6 +299,7 @@ def test_cli_controls_two_sessions_at_once(two_devices, monkeypatch):
     monkeypatch.setenv("LASAGNE_ENGINE_REGISTRY_ADDRESS", two_devices.registry.address)
     monkeypatch.setenv("LASAGNE_ENGINE_DATA_ADDRESS", two_devices.data.address)
     monkeypatch.setenv("LASAGNE_ENGINE_TRAINER_ADDRESS", two_devices.trainer.address)
+    wait_devices_free(engine)
     session_ids = []
     try:
         for device in ("cpu:0", "cpu:1"):
