@@ -6,5 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 nvidia-smi --query-gpu=index,name,memory.total --format=csv
 .venv/bin/python -c 'import jax; print("JAX devices:", jax.devices())'
-.venv/bin/python -m pytest -m gpu -q -p no:cacheprovider tests/trainer/test_backends.py
+# An empty JAX_PLATFORMS lets JAX find the GPU; the test suite otherwise keeps JAX on the CPU.
+JAX_PLATFORMS= .venv/bin/python -m pytest -m gpu -q -p no:cacheprovider tests/trainer/test_backends.py tests/trainer/test_training.py
 JAX_PLATFORMS= .venv/bin/python benchmarks/time_to_first_step.py --backends jax

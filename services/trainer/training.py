@@ -279,6 +279,8 @@ class SessionRun:
         for function in (self.train_step, self.train_step_with_statistics, self.evaluate_block):
             if function is not None:
                 function.trust_input = True
+        for variable in [*self.shared.values(), self.order]:
+            self._keep_on_device(variable)
         # Run each function once: the default backend compiles its Numba code on first call.
         saved = self._snapshot()
         self.train_step(self._batch_indices[0])
@@ -299,10 +301,25 @@ class SessionRun:
     def all_state_variables(self) -> list:
         return [*self.model.trainable, *self.model.state, *self.optimizer_state]
 
+    def _keep_on_device(self, variable) -> None:
+        """Keep a shared variable that no update changes as an array on the JAX device.
+
+        PyTensor's JAX functions pass such a variable's stored value to every call. A numpy value
+        is then copied to the device on each step, the whole dataset included, where a JAX array
+        stays put. Setting the value through ``set_value`` would turn it back into numpy.
+        """
+        if self.mode != "JAX":
+            return
+        import jax
+
+        storage = variable.container.storage
+        storage[0] = jax.device_put(np.asarray(storage[0]))
+
     def shuffle(self, epoch: int) -> None:
         """Set the example order of ``epoch``; the same seed and epoch always give the same order."""
         rng = np.random.default_rng([self.seed, epoch])
         self.order.set_value(rng.permutation(self.n_train).astype("int64"))
+        self._keep_on_device(self.order)
 
     def set_learning_rate(self, value: float) -> None:
         if not math.isfinite(value) or value <= 0:

@@ -1,3 +1,5 @@
+import shutil
+
 import numpy as np
 import pytest
 
@@ -55,6 +57,35 @@ def test_backends_learn_digits(mode):
     assert results[-1].metrics["val_accuracy"] > 0.9
     assert results[-1].train_loss < results[0].train_loss
     assert run.step == 5 * run.steps_per_epoch
+
+
+@pytest.mark.slow
+def test_jax_keeps_dataset_on_device():
+    import jax
+
+    run = new_run("JAX")
+    run.compile()
+    run.run_epoch(1)
+    data = digits_data()
+
+    for key, variable in run.shared.items():
+        stored = variable.container.storage[0]
+        assert isinstance(stored, jax.Array), key
+        np.testing.assert_array_equal(np.asarray(stored), getattr(data, key))
+    order = run.order.container.storage[0]
+    assert isinstance(order, jax.Array)
+    assert sorted(np.asarray(order).tolist()) == list(range(run.n_train))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(shutil.which("nvidia-smi") is None, reason="no NVIDIA GPU on this host")
+def test_jax_dataset_lives_on_the_gpu():
+    run = new_run("JAX")
+    run.compile()
+    run.run_epoch(1)
+
+    for variable in [*run.shared.values(), run.order]:
+        assert {device.platform for device in variable.container.storage[0].devices()} == {"gpu"}, variable.name
 
 
 @pytest.mark.slow
