@@ -53,6 +53,8 @@ logger = logging.getLogger(__name__)
 DATABASE_NAME = "registry.sqlite3"
 # How long a statement waits for another process's write lock before failing.
 BUSY_TIMEOUT_MS = 10_000
+# Parameter sets per query when reading their arrays, tags and holding sessions; below SQLite's limit on query parameters.
+PARAMETER_SET_BATCH = 500
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS model_versions (
@@ -554,7 +556,7 @@ class RegistryStore:
 
         with self._reading() as connection:
             rows = connection.execute(f"SELECT * FROM parameter_sets {where} ORDER BY sequence", arguments).fetchall()
-            return [self._parameter_set(connection, row) for row in rows]
+            return self._parameter_sets(connection, rows)
 
     def get_parameter_set(self, set_id: str, *, kind: str = "parameter set") -> ParameterSet:
         """Return the parameter set with id ``set_id``.
@@ -570,7 +572,7 @@ class RegistryStore:
         with self._reading() as connection:
             row = connection.execute("SELECT * FROM parameter_sets WHERE id = ?", (set_id,)).fetchone()
             if row is not None:
-                return self._parameter_set(connection, row)
+                return self._parameter_sets(connection, [row])[0]
         raise NotFound(
             f"No {kind} with id {set_id!r}; it was never saved or has been deleted. "
             "ListParameterSets returns the ids that exist."
@@ -1002,45 +1004,56 @@ class RegistryStore:
         )
         return self.get_parameter_set(set_id)
 
-    def _parameter_set(self, connection: sqlite3.Connection, row: sqlite3.Row) -> ParameterSet:
-        set_id = row["id"]
-        arrays = tuple(
-            ArrayRecord(
-                name=array["name"],
-                dtype=array["dtype"],
-                shape=tuple(json.loads(array["shape"])),
-                nbytes=array["nbytes"],
-                sha256=array["sha256"],
-                role=array["role"],
-            )
+    def _parameter_sets(self, connection: sqlite3.Connection, rows: list[sqlite3.Row]) -> list[ParameterSet]:
+        """Build the parameter sets of ``rows``, reading their arrays, tags and holding sessions in three queries per batch."""
+        arrays: dict[str, list[ArrayRecord]] = {row["id"]: [] for row in rows}
+        tags: dict[str, list[str]] = {row["id"]: [] for row in rows}
+        holds: dict[str, list[str]] = {row["id"]: [] for row in rows}
+        for batch in _batches(list(arrays), PARAMETER_SET_BATCH):
+            marks = ", ".join("?" * len(batch))
             for array in connection.execute(
-                "SELECT * FROM parameter_arrays WHERE set_id = ? ORDER BY position", (set_id,)
+                f"SELECT * FROM parameter_arrays WHERE set_id IN ({marks}) ORDER BY set_id, position", batch
+            ):
+                arrays[array["set_id"]].append(ArrayRecord(
+                    name=array["name"],
+                    dtype=array["dtype"],
+                    shape=tuple(json.loads(array["shape"])),
+                    nbytes=array["nbytes"],
+                    sha256=array["sha256"],
+                    role=array["role"],
+                ))
+            for set_id, tag in connection.execute(
+                f"SELECT set_id, tag FROM parameter_set_tags WHERE set_id IN ({marks}) ORDER BY set_id, tag", batch
+            ):
+                tags[set_id].append(tag)
+            for set_id, session in connection.execute(
+                f"SELECT set_id, session_id FROM parameter_set_holds WHERE set_id IN ({marks}) ORDER BY set_id, session_id",
+                batch,
+            ):
+                holds[set_id].append(session)
+        return [
+            ParameterSet(
+                id=row["id"],
+                model=row["model_name"],
+                model_version=row["model_version"],
+                session_id=row["session_id"],
+                epoch=row["epoch"],
+                step=row["step"],
+                metrics=json.loads(row["metrics"]),
+                tags=tuple(tags[row["id"]]),
+                parent_id=row["parent_id"],
+                arrays=tuple(arrays[row["id"]]),
+                total_bytes=row["total_bytes"],
+                created_at=row["created_at"],
+                held_by=tuple(holds[row["id"]]),
             )
-        )
-        tags = tuple(
-            tag for (tag,) in connection.execute("SELECT tag FROM parameter_set_tags WHERE set_id = ? ORDER BY tag", (set_id,))
-        )
-        held_by = tuple(
-            session
-            for (session,) in connection.execute(
-                "SELECT session_id FROM parameter_set_holds WHERE set_id = ? ORDER BY session_id", (set_id,)
-            )
-        )
-        return ParameterSet(
-            id=set_id,
-            model=row["model_name"],
-            model_version=row["model_version"],
-            session_id=row["session_id"],
-            epoch=row["epoch"],
-            step=row["step"],
-            metrics=json.loads(row["metrics"]),
-            tags=tags,
-            parent_id=row["parent_id"],
-            arrays=arrays,
-            total_bytes=row["total_bytes"],
-            created_at=row["created_at"],
-            held_by=held_by,
-        )
+            for row in rows
+        ]
+
+
+def _batches(values: list, size: int) -> Iterator[list]:
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
 
 
 def _verify_stored_array(set_id: str, array: ArrayRecord, key: str, size: int, digest: str) -> None:
