@@ -12,8 +12,12 @@ temporary ``.npy`` file. The client checks the sha256 of the received bytes, and
 file renamed into place, so a cached file is always whole and verified. Processes that fill the
 same array at once wait on a file lock, and all but the first find the file ready.
 
-NOTE: nothing is evicted yet, so the cache grows until its folder is cleared by hand. Deleting the
-folder while no trainer runs loses nothing, because every file can be downloaded again.
+Loading a cached array marks its file as used. Before a fill, the cache removes the files used
+least recently until the new array fits both its size limit (``LASAGNE_ENGINE_DATA_CACHE_MAX_BYTES``,
+none by default) and the free space of its file system. The arrays of the load in progress are
+never removed. An array that cannot fit even then is downloaded into memory instead of the cache.
+A removed file that a running session has memory-mapped stays readable for that session, and
+its disk space is freed when the session unmaps it.
 """
 
 import contextlib
@@ -22,6 +26,7 @@ import hashlib
 import logging
 import os
 import pathlib
+import shutil
 import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -31,11 +36,14 @@ import numpy as np
 from lasagne_engine.arrays import canonical_dtype
 from lasagne_engine.config import default_home
 
-__all__ = ["CACHE_VARIABLE", "DatasetCache", "default_cache_root"]
+__all__ = ["CACHE_VARIABLE", "MAX_BYTES_VARIABLE", "DatasetCache", "default_cache_root"]
 
 logger = logging.getLogger(__name__)
 
 CACHE_VARIABLE = "LASAGNE_ENGINE_DATA_CACHE"
+MAX_BYTES_VARIABLE = "LASAGNE_ENGINE_DATA_CACHE_MAX_BYTES"
+# Room for the .npy header in front of an array's bytes, which numpy usually writes in 128 bytes.
+_NPY_HEADER_ALLOWANCE = 4096
 # Bytes hashed per step when a cached file is verified, to keep memory flat for large arrays.
 _VERIFY_BLOCK_BYTES = 16 << 20
 
@@ -58,6 +66,14 @@ class DatasetCache:
     ----------
     root : pathlib.Path, optional
         Folder of the cache; created if missing. Default :func:`default_cache_root`.
+    max_bytes : int, optional
+        Size the cached files may reach together before the least recently used are removed.
+        Default ``$LASAGNE_ENGINE_DATA_CACHE_MAX_BYTES``, or no limit other than free disk space.
+
+    Raises
+    ------
+    ValueError
+        If ``max_bytes`` or the variable is not a positive whole number of bytes.
 
     Notes
     -----
@@ -65,12 +81,15 @@ class DatasetCache:
     with working ``flock`` locks and atomic renames, as local file systems have.
     """
 
-    def __init__(self, root: str | os.PathLike | None = None):
+    def __init__(self, root: str | os.PathLike | None = None, *, max_bytes: int | None = None):
         self.root = pathlib.Path(root) if root is not None else default_cache_root()
         self.root.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = max_bytes if max_bytes is not None else _max_bytes_from_environment()
+        if self.max_bytes is not None and self.max_bytes < 1:
+            raise ValueError(f"max_bytes {self.max_bytes} must be at least 1, or None for no limit.")
 
     def __repr__(self) -> str:
-        return f"DatasetCache({str(self.root)!r})"
+        return f"DatasetCache({str(self.root)!r}, max_bytes={self.max_bytes!r})"
 
     def load(
         self, engine: Any, ref: str, names: Sequence[str] | None = None, *, mmap: bool = True, verify: bool = False
@@ -123,15 +142,17 @@ class DatasetCache:
                 f"its arrays are {', '.join(map(repr, headers)) or 'none'}."
             )
 
+        keep = frozenset(headers[name].sha256 for name in names)
         return {
-            name: self._array(engine, concrete_ref, headers[name], mmap=mmap, verify=verify) for name in names
+            name: self._array(engine, concrete_ref, headers[name], mmap=mmap, verify=verify, keep=keep)
+            for name in names
         }
 
     def path_of(self, sha256: str) -> pathlib.Path:
         """Return where the array with this hex sha256 is cached, whether or not it is there."""
         return self.root / sha256[:2] / f"{sha256}.npy"
 
-    def _array(self, engine: Any, ref: str, header: Any, *, mmap: bool, verify: bool) -> np.ndarray:
+    def _array(self, engine: Any, ref: str, header: Any, *, mmap: bool, verify: bool, keep: frozenset) -> np.ndarray:
         dtype = canonical_dtype(header.dtype, array_name=header.name)
         shape = tuple(header.shape)
         path = self.path_of(header.sha256)
@@ -145,6 +166,13 @@ class DatasetCache:
             cached = self._open(path, dtype, shape, header.sha256, mmap=mmap, verify=verify)
             if cached is not None:
                 return cached
+            if not self._make_room(header.nbytes + _NPY_HEADER_ALLOWANCE, keep=keep):
+                logger.warning(
+                    "Array %r of dataset %s (%d bytes) does not fit in the cache at %s (limit %s bytes, %d bytes "
+                    "free on disk); loading it into memory uncached", header.name, ref, header.nbytes, self.root,
+                    self.max_bytes, shutil.disk_usage(self.root).free,
+                )
+                return engine.download_array(ref, header.name)
             self._fill(engine, ref, header, path, dtype, shape)
 
         cached = self._open(path, dtype, shape, header.sha256, mmap=mmap, verify=False)
@@ -180,7 +208,43 @@ class DatasetCache:
                 logger.warning("Discarding cache file %s: its bytes have sha256 %s", path, digest)
                 path.unlink(missing_ok=True)
                 return None
+        with contextlib.suppress(OSError):
+            os.utime(path)  # marks the file as used; eviction removes the least recently used first
         return array
+
+    def _make_room(self, needed: int, *, keep: frozenset) -> bool:
+        """Remove the least recently used files until ``needed`` bytes fit; return whether they do.
+
+        The limit is :attr:`max_bytes`, if set, and the free space of the cache's file system.
+        Files whose sha256 is in ``keep`` stay.
+        """
+        if self.max_bytes is not None and needed > self.max_bytes:
+            return False
+        with open(self.root / ".eviction.lock", "a+b") as lock_file:
+            fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)
+            files = sorted(self._cached_files(), key=lambda entry: entry[0])
+            used = sum(size for _, size, _ in files)
+            for _, size, path in files:
+                over_limit = self.max_bytes is not None and used + needed > self.max_bytes
+                if not over_limit and shutil.disk_usage(self.root).free >= needed:
+                    break
+                if path.stem in keep:
+                    continue
+                logger.info("Removing %s (%d bytes) from the dataset cache to make room", path, size)
+                path.unlink(missing_ok=True)
+                used -= size
+            within_limit = self.max_bytes is None or used + needed <= self.max_bytes
+            return within_limit and shutil.disk_usage(self.root).free >= needed
+
+    def _cached_files(self) -> Iterator[tuple[int, int, pathlib.Path]]:
+        """Yield the last use (ns), size and path of every cached array file."""
+        for folder in self.root.iterdir():
+            if not folder.is_dir():
+                continue
+            for path in folder.glob("*.npy"):
+                with contextlib.suppress(FileNotFoundError):
+                    status = path.stat()
+                    yield status.st_mtime_ns, status.st_size, path
 
     def _fill(self, engine: Any, ref: str, header: Any, path: pathlib.Path, dtype: np.dtype, shape: tuple) -> None:
         temporary = path.with_name(f"{header.sha256}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
@@ -214,6 +278,22 @@ class DatasetCache:
                 yield
             finally:
                 fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
+
+
+def _max_bytes_from_environment() -> int | None:
+    value = os.environ.get(MAX_BYTES_VARIABLE, "").strip()
+    if not value:
+        return None
+    try:
+        max_bytes = int(value)
+    except ValueError:
+        max_bytes = 0
+    if max_bytes < 1:
+        raise ValueError(
+            f"{MAX_BYTES_VARIABLE}={value!r} is not a positive whole number of bytes; set it to, for example, "
+            f"{100 << 30} for 100 GiB, or leave it unset for no limit."
+        )
+    return max_bytes
 
 
 def _sha256_of(array: np.ndarray) -> str:

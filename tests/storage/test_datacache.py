@@ -10,7 +10,7 @@ import pytest
 
 from lasagne_engine.blobstore import LocalBlobStore
 from lasagne_engine.client import NotFoundError
-from lasagne_engine.datacache import DatasetCache, default_cache_root
+from lasagne_engine.datacache import _NPY_HEADER_ALLOWANCE, MAX_BYTES_VARIABLE, DatasetCache, default_cache_root
 
 from .test_services import data_service
 
@@ -85,6 +85,60 @@ def test_damaged_file_downloaded_again(served, tmp_path):
     np.testing.assert_array_equal(reloaded["X"], ARRAYS["X"])
     path.write_bytes(path.read_bytes()[:-8])
     np.testing.assert_array_equal(cache.load(engine, "d", ["X"])["X"], ARRAYS["X"])
+
+
+def sha256_by_name(engine) -> dict[str, str]:
+    return {header.name: header.sha256 for header in engine.describe_dataset("d").arrays}
+
+
+def test_evicts_least_recently_used(served, tmp_path):
+    engine, _ = served
+    digests = sha256_by_name(engine)
+    unlimited = DatasetCache(tmp_path / "cache")
+    unlimited.load(engine, "d", ["X"])
+    unlimited.load(engine, "d", ["y"])
+    sizes = {name: unlimited.path_of(digests[name]).stat().st_size for name in ("X", "y")}
+    # Room for X and y, but not for the mask as well.
+    limit = sizes["X"] + sizes["y"] + ARRAYS["mask"].nbytes + _NPY_HEADER_ALLOWANCE - 1
+    cache = DatasetCache(tmp_path / "cache", max_bytes=limit)
+
+    cache.load(engine, "d", ["X"])  # X is now used more recently than y
+    loaded = cache.load(engine, "d", ["mask"])
+
+    np.testing.assert_array_equal(loaded["mask"], ARRAYS["mask"])
+    assert cache_files(cache) == sorted(f"{digests[name]}.npy" for name in ("X", "mask"))
+
+
+def test_arrays_of_one_load_are_not_evicted(served, tmp_path):
+    engine, _ = served
+    digests = sha256_by_name(engine)
+    cache = DatasetCache(tmp_path / "cache", max_bytes=ARRAYS["X"].nbytes + _NPY_HEADER_ALLOWANCE + 256)
+
+    loaded = cache.load(engine, "d", ["X", "y"])
+
+    np.testing.assert_array_equal(loaded["X"], ARRAYS["X"])
+    np.testing.assert_array_equal(loaded["y"], ARRAYS["y"])
+    assert not isinstance(loaded["y"], np.memmap)
+    assert cache_files(cache) == [f"{digests['X']}.npy"]
+
+
+def test_array_larger_than_limit_loads_uncached(served, tmp_path):
+    engine, _ = served
+    cache = DatasetCache(tmp_path / "cache", max_bytes=1000)
+
+    loaded = cache.load(engine, "d", ["X"])
+
+    np.testing.assert_array_equal(loaded["X"], ARRAYS["X"])
+    assert cache_files(cache) == []
+
+
+def test_limit_from_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv(MAX_BYTES_VARIABLE, str(5 << 30))
+    assert DatasetCache(tmp_path / "a").max_bytes == 5 << 30
+
+    monkeypatch.setenv(MAX_BYTES_VARIABLE, "lots")
+    with pytest.raises(ValueError, match=rf"{MAX_BYTES_VARIABLE}='lots' is not a positive whole number of bytes"):
+        DatasetCache(tmp_path / "b")
 
 
 def test_processes_fill_once(tmp_path):
