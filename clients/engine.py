@@ -760,6 +760,9 @@ class Engine:
     ) -> list[model_registry_pb2.ParameterSet]:
         """List parameter sets, optionally only those of a model, a session or with a tag.
 
+        The registry returns at most 1000 sets per call, so this requests page after page until
+        the last one.
+
         Parameters
         ----------
         model : str
@@ -782,8 +785,17 @@ class Engine:
         EngineError
             For any other failure of the call.
         """
-        request = model_registry_pb2.ListParameterSetsRequest(model=model, session_id=session_id, tag=tag)
-        return list(self._call(self._stub("registry").ListParameterSets, request).parameter_sets)
+        parameter_sets: list[model_registry_pb2.ParameterSet] = []
+        page_token = ""
+        while True:
+            request = model_registry_pb2.ListParameterSetsRequest(
+                model=model, session_id=session_id, tag=tag, page_token=page_token
+            )
+            response = self._call(self._stub("registry").ListParameterSets, request)
+            parameter_sets.extend(response.parameter_sets)
+            page_token = response.next_page_token
+            if not page_token:
+                return parameter_sets
 
     def get_parameter_set(self, parameter_set_id: str) -> model_registry_pb2.ParameterSet:
         """Return a parameter set's metadata and array headers.

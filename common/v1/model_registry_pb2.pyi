@@ -183,20 +183,26 @@ class SaveParameterSetRequest(_message.Message):
     def __init__(self, info: _Optional[_Union[ParameterSetInfo, _Mapping]] = ..., header: _Optional[_Union[_arrays_pb2.ArrayHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ..., end: _Optional[_Union[_arrays_pb2.UploadEnd, _Mapping]] = ...) -> None: ...
 
 class ListParameterSetsRequest(_message.Message):
-    __slots__ = ("model", "session_id", "tag")
+    __slots__ = ("model", "session_id", "tag", "page_size", "page_token")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TAG_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     model: str
     session_id: str
     tag: str
-    def __init__(self, model: _Optional[str] = ..., session_id: _Optional[str] = ..., tag: _Optional[str] = ...) -> None: ...
+    page_size: int
+    page_token: str
+    def __init__(self, model: _Optional[str] = ..., session_id: _Optional[str] = ..., tag: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListParameterSetsResponse(_message.Message):
-    __slots__ = ("parameter_sets",)
+    __slots__ = ("parameter_sets", "next_page_token")
     PARAMETER_SETS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     parameter_sets: _containers.RepeatedCompositeFieldContainer[ParameterSet]
-    def __init__(self, parameter_sets: _Optional[_Iterable[_Union[ParameterSet, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, parameter_sets: _Optional[_Iterable[_Union[ParameterSet, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class GetParameterSetRequest(_message.Message):
     __slots__ = ("id",)

@@ -1,6 +1,8 @@
 """The gRPC edge of the model registry: translates messages to and from the store's records."""
 
+import base64
 import dataclasses
+import hashlib
 import logging
 from collections.abc import Iterator
 
@@ -15,6 +17,10 @@ from lasagne_engine.model_registry import records, store
 from lasagne_engine.model_registry.uploads import ParameterSetUpload
 from lasagne_engine.timeutil import to_timestamp
 from lasagne_engine.v1 import arrays_pb2, model_registry_pb2, model_registry_pb2_grpc, storage_pb2
+
+# Most parameter sets in one ListParameterSets response. With a dozen arrays each, a set's
+# message takes roughly 2 KB, so a page stays far below the default 16 MiB message limit.
+MAX_PAGE_SIZE = 1000
 
 logger = logging.getLogger(__name__)
 
@@ -117,11 +123,20 @@ class ModelRegistryServicer(model_registry_pb2_grpc.ModelRegistryServicer):
 
     @grpc_errors
     def ListParameterSets(self, request, context):
-        parameter_sets = self.store.list_parameter_sets(
-            model=request.model, session_id=request.session_id, tag=request.tag
+        if request.page_size < 0:
+            raise InvalidArgument(
+                f"Invalid page_size {request.page_size}; give a positive number of sets, or 0 for the "
+                f"server's default of {MAX_PAGE_SIZE}."
+            )
+        filters = (request.model, request.session_id, request.tag)
+        after = _decode_page_token(request.page_token, filters)
+        parameter_sets, next_after = self.store.list_parameter_sets_page(
+            model=request.model, session_id=request.session_id, tag=request.tag, after=after,
+            limit=min(request.page_size or MAX_PAGE_SIZE, MAX_PAGE_SIZE),
         )
         return model_registry_pb2.ListParameterSetsResponse(
-            parameter_sets=[_parameter_set_message(parameter_set) for parameter_set in parameter_sets]
+            parameter_sets=[_parameter_set_message(parameter_set) for parameter_set in parameter_sets],
+            next_page_token="" if next_after is None else _encode_page_token(next_after, filters),
         )
 
     @grpc_errors
@@ -213,6 +228,42 @@ def _receive_arrays(
                 f"Parameter set {upload.id} received a frame with none of info, header, chunk or end set."
             )
     check_upload_end(end, what=f"parameter set {upload.id}", array_count=upload.finish_arrays())
+
+
+def _filters_digest(filters: tuple[str, ...]) -> str:
+    return hashlib.sha256("\0".join(filters).encode()).hexdigest()[:16]
+
+
+def _encode_page_token(after: int, filters: tuple[str, ...]) -> str:
+    """Return an opaque token for the page after position ``after`` of the listing with ``filters``."""
+    return base64.urlsafe_b64encode(f"{after}:{_filters_digest(filters)}".encode()).decode()
+
+
+def _decode_page_token(token: str, filters: tuple[str, ...]) -> int:
+    """Return the position a page token continues from, 0 for an empty token.
+
+    Raises
+    ------
+    InvalidArgument
+        If the token is malformed or was issued for other filters.
+    """
+    if not token:
+        return 0
+    try:
+        position, digest = base64.urlsafe_b64decode(token.encode()).decode().split(":")
+        after = int(position)
+        if after < 0:
+            raise ValueError(f"negative position {after}")
+    except (ValueError, UnicodeError) as error:
+        raise InvalidArgument(
+            f"Invalid page_token {token!r}; pass the next_page_token of the previous response unchanged."
+        ) from error
+    if digest != _filters_digest(filters):
+        raise InvalidArgument(
+            f"page_token {token!r} belongs to a listing with other filters; keep model, session_id and tag "
+            "the same for every page, or start again without a token."
+        )
+    return after
 
 
 def _frame_kind(frame) -> str | None:

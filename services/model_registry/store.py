@@ -535,8 +535,26 @@ class RegistryStore:
         NotFound
             If the model or its version does not exist.
         """
-        conditions = []
-        arguments: list = []
+        return self.list_parameter_sets_page(model=model, session_id=session_id, tag=tag)[0]
+
+    def list_parameter_sets_page(
+        self, *, model: str = "", session_id: str = "", tag: str = "", after: int = 0, limit: int | None = None
+    ) -> tuple[list[ParameterSet], int | None]:
+        """List one page of the parameter sets :meth:`list_parameter_sets` lists.
+
+        ``after`` is the position to continue from, 0 for the first page, and ``limit`` the most
+        sets to return (None for all). Returns the sets and the position of the next page, or None
+        after the last page. A position stays valid while sets are saved and deleted.
+
+        Raises
+        ------
+        InvalidArgument
+            If the model reference or the tag is malformed.
+        NotFound
+            If the model or its version does not exist.
+        """
+        conditions = ["sequence > ?"]
+        arguments: list = [after]
         if model:
             parsed = parse_ref(model, kind="model")
             resolved = self._resolve_model(model)
@@ -552,11 +570,17 @@ class RegistryStore:
             validate_name(tag, kind="tag")
             conditions.append("id IN (SELECT set_id FROM parameter_set_tags WHERE tag = ?)")
             arguments.append(tag)
-        where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
+        query = f"SELECT * FROM parameter_sets WHERE {' AND '.join(conditions)} ORDER BY sequence"
+        if limit is not None:
+            # One row more than the page shows whether another page follows.
+            query += " LIMIT ?"
+            arguments.append(limit + 1)
 
         with self._reading() as connection:
-            rows = connection.execute(f"SELECT * FROM parameter_sets {where} ORDER BY sequence", arguments).fetchall()
-            return self._parameter_sets(connection, rows)
+            rows = connection.execute(query, arguments).fetchall()
+            more = limit is not None and len(rows) > limit
+            rows = rows[:limit] if more else rows
+            return self._parameter_sets(connection, rows), (rows[-1]["sequence"] if more else None)
 
     def get_parameter_set(self, set_id: str, *, kind: str = "parameter set") -> ParameterSet:
         """Return the parameter set with id ``set_id``.

@@ -350,6 +350,58 @@ class TestSaveRejects:
 
 
 class TestListParameterSets:
+    def test_pages_follow_saves_and_deletes(self, registry, arrays):
+        saved = [save(registry.stub, arrays, session_id="paged").id for _ in range(5)]
+        other = save(registry.stub, arrays, session_id="other").id
+
+        def page(token: str = "") -> model_registry_pb2.ListParameterSetsResponse:
+            request = model_registry_pb2.ListParameterSetsRequest(session_id="paged", page_size=2, page_token=token)
+            return registry.stub.ListParameterSets(request)
+
+        first = page()
+        # A set deleted after the first page and one saved meanwhile: the listing goes on from where it was.
+        registry.stub.DeleteParameterSet(model_registry_pb2.DeleteParameterSetRequest(id=saved[2]))
+        late = save(registry.stub, arrays, session_id="paged").id
+        second = page(first.next_page_token)
+        third = page(second.next_page_token)
+
+        assert [s.id for s in first.parameter_sets] == saved[:2]
+        assert [s.id for s in second.parameter_sets] == saved[3:5]
+        assert [s.id for s in third.parameter_sets] == [late]
+        assert first.next_page_token and second.next_page_token
+        assert third.next_page_token == ""
+        assert other not in {s.id for s in [*first.parameter_sets, *second.parameter_sets, *third.parameter_sets]}
+
+    @pytest.mark.parametrize(
+        ("page_size", "page_token", "message"),
+        [
+            (-1, "", "Invalid page_size -1"),
+            (2, "not a token", "Invalid page_token 'not a token'"),
+            (2, "MTI6YWJj", "belongs to a listing with other filters"),
+        ],
+        ids=["negative-size", "garbled-token", "other-filters"],
+    )
+    def test_bad_page_request(self, registry, page_size, page_token, message):
+        request = model_registry_pb2.ListParameterSetsRequest(page_size=page_size, page_token=page_token)
+
+        with pytest.raises(grpc.RpcError) as caught:
+            registry.stub.ListParameterSets(request)
+
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert message in caught.value.details()
+
+    def test_client_reads_every_page(self, registry, arrays, monkeypatch):
+        from lasagne_engine.client import Engine
+        from lasagne_engine.model_registry import servicer
+
+        monkeypatch.setattr(servicer, "MAX_PAGE_SIZE", 2)
+        saved = [save(registry.stub, arrays, session_id="many").id for _ in range(5)]
+
+        with Engine(registry_address=registry.server.address, data_address="127.0.0.1:1", trainer_address="127.0.0.1:1") as engine:
+            listed = engine.list_parameter_sets(session_id="many")
+
+        assert [s.id for s in listed] == saved
+
     def test_filters(self, registry, arrays):
         first = save(registry.stub, arrays, session_id="one", tags=["best"])
         second = save(registry.stub, arrays, session_id="two")
