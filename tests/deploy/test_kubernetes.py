@@ -259,6 +259,9 @@ def launcher_calls(tmp_path, monkeypatch) -> set[tuple[str, str, str]]:
             lambda code, tail: exited.set(),
         )
         api.wait_for(lambda: completed.name in api.jobs, message="the first Job")
+        # A Job that ends before the launcher starts watching is seen by a listing alone.
+        api.wait_for(lambda: any(request.query.get("watch", "").lower() == "true" and "/jobs" in request.path
+                                 for request in list(api.requests)), message="the launcher's watch of Jobs")
         api.set_waiting(completed.name, "ContainerCreating", "")
         api.finish_pod(completed.name, 0, "done\n")
         assert exited.wait(15)
