@@ -32,7 +32,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 
 import numpy as np

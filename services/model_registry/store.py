@@ -1032,7 +1032,7 @@ class RegistryStore:
         """Build the parameter sets of ``rows``, reading their arrays, tags and holding sessions in three queries per batch."""
         arrays: dict[str, list[ArrayRecord]] = {row["id"]: [] for row in rows}
         tags: dict[str, list[str]] = {row["id"]: [] for row in rows}
-        holds: dict[str, list[str]] = {row["id"]: [] for row in rows}
+        holding_sessions: dict[str, list[str]] = {row["id"]: [] for row in rows}
         for batch in _batches(list(arrays), PARAMETER_SET_BATCH):
             marks = ", ".join("?" * len(batch))
             for array in connection.execute(
@@ -1054,7 +1054,7 @@ class RegistryStore:
                 f"SELECT set_id, session_id FROM parameter_set_holds WHERE set_id IN ({marks}) ORDER BY set_id, session_id",
                 batch,
             ):
-                holds[set_id].append(session)
+                holding_sessions[set_id].append(session)
         return [
             ParameterSet(
                 id=row["id"],
@@ -1069,7 +1069,7 @@ class RegistryStore:
                 arrays=tuple(arrays[row["id"]]),
                 total_bytes=row["total_bytes"],
                 created_at=row["created_at"],
-                held_by=tuple(holds[row["id"]]),
+                held_by=tuple(holding_sessions[row["id"]]),
             )
             for row in rows
         ]
