@@ -35,6 +35,7 @@ import numpy as np
 
 from lasagne_engine.arrays import canonical_dtype
 from lasagne_engine.config import default_home
+from lasagne_engine.durability import fsync_folder
 
 __all__ = ["CACHE_VARIABLE", "MAX_BYTES_VARIABLE", "DatasetCache", "default_cache_root"]
 
@@ -260,7 +261,7 @@ class DatasetCache:
                 os.fsync(file.fileno())
             # The rename publishes the file whole, after the client has checked its sha256.
             os.replace(temporary, path)
-            _fsync_folder(path.parent)
+            fsync_folder(path.parent)
         finally:
             temporary.unlink(missing_ok=True)
 
@@ -302,11 +303,3 @@ def _sha256_of(array: np.ndarray) -> str:
     for offset in range(0, flat.size, _VERIFY_BLOCK_BYTES):
         digest.update(flat[offset : offset + _VERIFY_BLOCK_BYTES].data)
     return digest.hexdigest()
-
-
-def _fsync_folder(folder: pathlib.Path) -> None:
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from typing import BinaryIO
 
 from lasagne_engine.blobstore.base import BlobStore, BlobStoreFull, BlobWriter
+from lasagne_engine.durability import fsync_folder
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +59,20 @@ class LocalBlobWriter(BlobWriter):
             self._file.flush()
             os.fsync(self._file.fileno())
         self._file.close()
-        self._final_path.parent.mkdir(parents=True, exist_ok=True)
+        folder = self._final_path.parent
+        created = []
+        ancestor = folder
+        while ancestor != self._root and not ancestor.exists():
+            created.append(ancestor)
+            ancestor = ancestor.parent
+        folder.mkdir(parents=True, exist_ok=True)
         os.replace(self._temporary_path, self._final_path)
+        # The rename, and each folder created for it, is durable only once the folder that
+        # contains the new entry is synced. Without that, metadata committed after this call could
+        # list a blob that a power cut took away.
+        fsync_folder(folder)
+        for new_folder in created:
+            fsync_folder(new_folder.parent)
         self._done = True
 
     def abort(self) -> None:

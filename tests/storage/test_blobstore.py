@@ -179,3 +179,27 @@ class TestAbandonedWrites:
 
 def test_backends_are_distinct(blob_store, backend):
     assert isinstance(blob_store, {"local": LocalBlobStore, "s3": S3BlobStore}[backend])
+
+
+def test_local_commit_syncs_folders(tmp_path, monkeypatch):
+    # A power cut cannot be simulated, so the test records which files and folders get an fsync.
+    store = LocalBlobStore(tmp_path / "blobs")
+    store.put_bytes("datasets/old/1/x", b"makes datasets/ exist")
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(descriptor: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{descriptor}"))
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    store.put_bytes("datasets/new/2/x", b"payload")
+
+    root = store.root
+    blob_folder = str(root / "datasets" / "new" / "2")
+    assert synced[0].startswith(str(root / ".incoming" / "blob-"))
+    assert blob_folder in synced
+    assert str(root / "datasets" / "new") in synced
+    assert str(root / "datasets") in synced
+    assert str(root) not in synced
+    assert synced.index(blob_folder) > 0
