@@ -121,7 +121,14 @@ def test_registry_killed_mid_upload(start_service, caplog):
     stub = model_registry_pb2_grpc.ModelRegistryStub(channel)
     thread, outcome = run_in_thread(lambda: stub.SaveParameterSet(iter(stream), timeout=30))
     stream.paused.wait(timeout=20)
-    wait_for(lambda: any(".incoming" in path for path in blob_files(blobs)))
+
+    def first_stored_second_writing() -> bool:
+        # The first array's own write also passes through .incoming, so both conditions are needed.
+        new_files = set(blob_files(blobs)) - set(files_before)
+        return (any(path.startswith("parameter-sets/") for path in new_files)
+                and any(path.startswith(".incoming/") for path in new_files))
+
+    wait_for(first_stored_second_writing)
     leftovers = set(blob_files(blobs)) - set(files_before)
     status = registry.kill()
     stream.resume()
