@@ -43,12 +43,15 @@ def _env_int(name: str, default: int) -> int:
 
 
 def _nvidia_smi_memory() -> dict[str, int]:
-    """Return the total memory of each GPU by index, as nvidia-smi reports it; empty without it."""
+    """Return the total memory of each GPU by index and by UUID, as nvidia-smi reports it; empty without it.
+
+    ``CUDA_VISIBLE_DEVICES`` may name a GPU either way, so both keys map to the same figure.
+    """
     if shutil.which("nvidia-smi") is None:
         return {}
     try:
         listing = subprocess.run(
-            ["nvidia-smi", "--query-gpu=index,memory.total", "--format=csv,noheader,nounits"],
+            ["nvidia-smi", "--query-gpu=index,uuid,memory.total", "--format=csv,noheader,nounits"],
             capture_output=True, text=True, timeout=10, check=True,
         ).stdout
     except (OSError, subprocess.SubprocessError) as error:
@@ -56,9 +59,12 @@ def _nvidia_smi_memory() -> dict[str, int]:
         return {}
     memory = {}
     for line in listing.splitlines():
-        index, _, total_mebibytes = (part.strip() for part in line.partition(","))
+        fields = [part.strip() for part in line.split(",")]
+        if len(fields) != 3:
+            continue
+        index, gpu_uuid, total_mebibytes = fields
         if index.isdigit() and total_mebibytes.isdigit():
-            memory[index] = int(total_mebibytes) * MEBIBYTE
+            memory[index] = memory[gpu_uuid] = int(total_mebibytes) * MEBIBYTE
     return memory
 
 
@@ -75,7 +81,7 @@ def discover_gpus() -> list[DeviceInfo]:
     if visible is not None:
         indices = [entry.strip() for entry in visible.split(",") if entry.strip() and entry.strip() != "-1"]
     else:
-        indices = sorted(memory, key=int)
+        indices = sorted((key for key in memory if key.isdigit()), key=int)
     reserve = _env_int("LASAGNE_ENGINE_GPU_RESERVE_BYTES", DEFAULT_GPU_RESERVE_BYTES)
     fallback = _env_int("LASAGNE_ENGINE_GPU_MEMORY_BYTES", 0)
     devices = []

@@ -29,6 +29,40 @@ def test_visible_gpus_become_devices(monkeypatch, no_nvidia_smi):
     assert found[0].cpu_core is None
 
 
+NVIDIA_SMI_LISTING = """0, GPU-0b6c3f1e-aaaa-bbbb-cccc-000000000000, 81559
+1, GPU-9d2e7a40-aaaa-bbbb-cccc-111111111111, 40960
+"""
+
+
+@pytest.fixture
+def fake_nvidia_smi(tmp_path, monkeypatch):
+    """Put an ``nvidia-smi`` on PATH that prints a two-GPU memory listing, as the real one's CSV query does."""
+    script = tmp_path / "bin" / "nvidia-smi"
+    script.parent.mkdir()
+    script.write_text(f"#!/bin/sh\ncat <<'EOF'\n{NVIDIA_SMI_LISTING}EOF\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{script.parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("LASAGNE_ENGINE_GPU_RESERVE_BYTES", "0")
+
+
+def test_nvidia_smi_gpus_by_index(monkeypatch, fake_nvidia_smi):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
+    found = discover_gpus()
+
+    assert [device.name for device in found] == ["gpu:0", "gpu:1"]
+    assert [device.memory_budget_bytes for device in found] == [81559 << 20, 40960 << 20]
+
+
+def test_gpus_named_by_uuid_get_their_memory(monkeypatch, fake_nvidia_smi):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-9d2e7a40-aaaa-bbbb-cccc-111111111111")
+
+    found = discover_gpus()
+
+    assert [device.name for device in found] == ["gpu:GPU-9d2e7a40-aaaa-bbbb-cccc-111111111111"]
+    assert found[0].memory_budget_bytes == 40960 << 20
+
+
 @pytest.mark.parametrize("visible", ["", "-1"], ids=["empty", "minus-one"])
 def test_hidden_gpus_fall_back_to_cpus(monkeypatch, no_nvidia_smi, visible):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
@@ -74,6 +108,7 @@ def test_gpu_session_sees_only_its_gpu(tmp_path):
     environment = launcher.environment(launch_request("gpu:3", None))
 
     assert environment["CUDA_VISIBLE_DEVICES"] == "3"
+    assert environment["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
     assert "mode=JAX" in environment["PYTENSOR_FLAGS"]
     assert environment["LASAGNE_ENGINE_WORKER_TOKEN"] == "secret"
     assert "-m" in launcher.command(launch_request("gpu:3", None))
