@@ -89,6 +89,11 @@ class BlobStore(abc.ABC):
     def list(self, prefix: str) -> Iterator[str]:
         """Yield the keys of every committed object under ``prefix``, in sorted order."""
 
+    @property
+    def url(self) -> str:
+        """The store's location for messages, such as ``s3://bucket/prefix``; by default its repr."""
+        return repr(self)
+
     def close(self) -> None:
         """Release the store's connections. The default implementation has none to release."""
 

@@ -95,6 +95,10 @@ class LocalBlobStore(BlobStore):
     def __repr__(self) -> str:
         return f"LocalBlobStore({str(self.root)!r})"
 
+    @property
+    def url(self) -> str:
+        return self.root.as_uri()
+
     def _remove_abandoned_partial_files(self) -> None:
         # Leftovers of writes cut short by a crash. A file still locked belongs to a live write of
         # another process on the same folder.

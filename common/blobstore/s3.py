@@ -185,6 +185,10 @@ class S3BlobStore(BlobStore):
         scheme = "https" if self.location.secure else "http"
         return f"S3BlobStore({self.location.url!r} at {scheme}://{self.location.endpoint})"
 
+    @property
+    def url(self) -> str:
+        return self.location.url
+
     def close(self) -> None:
         """Close the pooled connections; later requests open new ones."""
         self._http.clear()

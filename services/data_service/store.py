@@ -10,7 +10,9 @@ Blobs whose upload id is neither in the metadata nor in an upload of this proces
 left by a process that died mid-upload. The store deletes them when it opens and in
 :meth:`DatasetStore.collect_garbage`. Deleted versions' blobs go through the table of pending
 deletions described in :mod:`lasagne_engine.blobstore.garbage`, so a failed delete is retried.
-One data service process owns the ``datasets/`` prefix of its blob store.
+One database owns the ``datasets/`` prefix of its blob store, and the store sweeps the prefix
+only while its owner marker names that database, as :mod:`lasagne_engine.blobstore.ownership`
+describes.
 """
 
 import contextlib
@@ -31,6 +33,13 @@ import numpy as np
 from lasagne_engine.arrays import ArrayReceiver, validate_header
 from lasagne_engine.blobstore import RETRYABLE_BLOB_ERRORS, BlobStore, BlobWriter, LocalBlobStore
 from lasagne_engine.blobstore.garbage import PENDING_DELETIONS_SCHEMA, BlobDeleter, GarbageReport
+from lasagne_engine.blobstore.ownership import (
+    STORE_INFO_SCHEMA,
+    PrefixOwnedElsewhere,
+    PrefixOwnership,
+    is_owner_marker,
+    load_store_id,
+)
 from lasagne_engine.errors import IntegrityError, InvalidArgument, NotFound
 from lasagne_engine.names import Ref, parse_ref, validate_name
 from lasagne_engine.v1 import arrays_pb2
@@ -71,7 +80,7 @@ CREATE TABLE IF NOT EXISTS arrays (
     PRIMARY KEY (name, version, array_name),
     FOREIGN KEY (name, version) REFERENCES versions (name, version) ON DELETE CASCADE
 );
-""" + PENDING_DELETIONS_SCHEMA
+""" + PENDING_DELETIONS_SCHEMA + STORE_INFO_SCHEMA
 
 
 def blob_key(dataset_name: str, upload_id: str, array_name: str) -> str:
@@ -364,9 +373,19 @@ class DatasetStore:
         with self._connect() as connection:
             connection.execute("PRAGMA journal_mode = WAL")
             connection.executescript(_SCHEMA)
-        logger.info("Dataset store opened: metadata in %s, blobs in %r", self.database_path, self.blob_store)
+        with self._transaction() as connection:
+            self.store_id = load_store_id(connection)
+        self._ownership = PrefixOwnership(
+            self.blob_store, self.store_id, (BLOB_PREFIX,), service="data service", database=str(self.database_path)
+        )
+        logger.info(
+            "Dataset store %s opened: metadata in %s, blobs in %r", self.store_id, self.database_path, self.blob_store
+        )
         try:
             self.collect_garbage()
+        except PrefixOwnedElsewhere as error:
+            # The service still serves its own datasets, but it leaves the shared prefix unswept.
+            logger.error("Skipped the startup cleanup of blob store %s: %s", self.blob_store.url, error)
         except RETRYABLE_BLOB_ERRORS as error:
             logger.warning("Could not clean up the blob store at startup; 'lasagne-engine gc' does it later: %s", error)
 
@@ -410,16 +429,20 @@ class DatasetStore:
 
         Raises
         ------
+        PrefixOwnedElsewhere
+            If the owner marker of ``datasets/`` names another database's store id, as when a
+            second data service shares the blob URL. Nothing is deleted then.
         BlobStoreUnavailable
             If the blob store cannot be listed.
         """
+        self._ownership.check(claim=not dry_run)
         report = GarbageReport()
         if not dry_run:
             report.pending_deletions_completed, report.pending_deletions_remaining = self._deleter.retry_pending()
 
         # The order matters: list first, then read the uploads in progress, then the metadata.
         # An upload that commits meanwhile is in its version rows before it leaves the set.
-        keys = list(self.blob_store.list(BLOB_PREFIX))
+        keys = [key for key in self.blob_store.list(BLOB_PREFIX) if not is_owner_marker(key, BLOB_PREFIX)]
         with self._uploads_lock:
             active = set(self._active_uploads)
         with self._transaction(immediate=False) as connection:

@@ -28,6 +28,13 @@ from collections.abc import Callable, Iterable, Iterator
 
 from lasagne_engine.blobstore import RETRYABLE_BLOB_ERRORS, BlobStore, LocalBlobStore
 from lasagne_engine.blobstore.garbage import PENDING_DELETIONS_SCHEMA, BlobDeleter, GarbageReport
+from lasagne_engine.blobstore.ownership import (
+    STORE_INFO_SCHEMA,
+    PrefixOwnedElsewhere,
+    PrefixOwnership,
+    is_owner_marker,
+    load_store_id,
+)
 from lasagne_engine.errors import FailedPrecondition, IntegrityError, InvalidArgument, NotFound
 from lasagne_engine.model_registry.records import (
     MODELS_PREFIX,
@@ -118,7 +125,7 @@ CREATE TABLE IF NOT EXISTS parameter_set_holds (
     PRIMARY KEY (set_id, session_id)
 );
 CREATE INDEX IF NOT EXISTS parameter_set_holds_by_session ON parameter_set_holds (session_id);
-""" + PENDING_DELETIONS_SCHEMA
+""" + PENDING_DELETIONS_SCHEMA + STORE_INFO_SCHEMA
 
 # Called as check(name, source, hyperparameters). It returns the definition's signature or raises
 # ModelDefinitionError, as checker.DefinitionChecker does.
@@ -145,8 +152,9 @@ class RegistryStore:
     -----
     At startup the store runs :meth:`collect_garbage`: it deletes blobs that no metadata row refers
     to, which a process that stopped mid-upload leaves, and retries failed blob deletions. Two
-    processes must therefore never serve one root, nor one blob store's ``models/`` and
-    ``parameter-sets/`` prefixes.
+    processes must therefore never serve one root. A registry whose database does not own the
+    ``models/`` and ``parameter-sets/`` prefixes of its blob store, by their owner markers
+    (:mod:`lasagne_engine.blobstore.ownership`), serves but never sweeps them.
     """
 
     def __init__(
@@ -172,9 +180,21 @@ class RegistryStore:
         self._close_connection = weakref.finalize(self, self._connection.close)
 
         self._deleter = BlobDeleter(self.blobs, self._transaction)
-        logger.info("Opened the model registry at %s with blobs in %r", self.root, self.blobs)
+        with self._transaction() as connection:
+            self.store_id = load_store_id(connection)
+        self._ownership = PrefixOwnership(
+            self.blobs,
+            self.store_id,
+            (MODELS_PREFIX, PARAMETER_SETS_PREFIX),
+            service="model registry",
+            database=str(self.root / DATABASE_NAME),
+        )
+        logger.info("Opened the model registry %s at %s with blobs in %r", self.store_id, self.root, self.blobs)
         try:
             self.collect_garbage()
+        except PrefixOwnedElsewhere as error:
+            # The registry still serves its own models, but it leaves the shared prefixes unswept.
+            logger.error("Skipped the startup cleanup of blob store %s: %s", self.blobs.url, error)
         except RETRYABLE_BLOB_ERRORS as error:
             logger.warning("Could not clean up the blob store at startup; 'lasagne-engine gc' does it later: %s", error)
 
@@ -904,17 +924,23 @@ class RegistryStore:
 
         Raises
         ------
+        PrefixOwnedElsewhere
+            If the owner marker of ``models/`` or ``parameter-sets/`` names another database's
+            store id, as when a second registry shares the blob URL. Nothing is deleted then.
         BlobStoreUnavailable
             If the blob store cannot be listed.
         """
+        self._ownership.check(claim=not dry_run)
         report = GarbageReport()
         if not dry_run:
             report.pending_deletions_completed, report.pending_deletions_remaining = self._deleter.retry_pending()
 
         # List first, then read the uploads in progress, then the metadata: an upload that commits
         # meanwhile has its rows inserted before it leaves the set of uploads.
-        set_keys = list(self.blobs.list(PARAMETER_SETS_PREFIX))
-        source_keys = list(self.blobs.list(MODELS_PREFIX))
+        set_keys = [
+            key for key in self.blobs.list(PARAMETER_SETS_PREFIX) if not is_owner_marker(key, PARAMETER_SETS_PREFIX)
+        ]
+        source_keys = [key for key in self.blobs.list(MODELS_PREFIX) if not is_owner_marker(key, MODELS_PREFIX)]
         with self._lock:
             referenced_sets = set(self._uploading)
         with self._reading() as connection:

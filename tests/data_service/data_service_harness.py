@@ -12,6 +12,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lasagne_engine.blobstore import BlobStore
+from lasagne_engine.blobstore.ownership import OWNER_MARKER_NAME
 from lasagne_engine.config import StreamLimits
 from lasagne_engine.data_service import create_server
 from lasagne_engine.rpc import Server, insecure_channel
@@ -32,8 +33,12 @@ class RunningDataService:
         return self.root / "blobs"
 
     def dataset_files(self) -> list[pathlib.Path]:
-        """Committed blob files under the store's ``datasets/`` prefix."""
-        return sorted(path for path in (self.blob_root / "datasets").rglob("*") if path.is_file())
+        """Committed blob files under the store's ``datasets/`` prefix, without its owner marker."""
+        return sorted(
+            path
+            for path in (self.blob_root / "datasets").rglob("*")
+            if path.is_file() and path.name != OWNER_MARKER_NAME
+        )
 
     def partial_files(self) -> list[pathlib.Path]:
         """Temporary files of blob writes in progress."""

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from data_service_harness import assert_rejected, download, header_of, serve, upload
 
+from lasagne_engine.blobstore.ownership import OWNER_MARKER_NAME
 from lasagne_engine.data_service import DatasetStore
 from lasagne_engine.errors import NotFound
 from lasagne_engine.v1 import data_service_pb2
@@ -197,6 +198,7 @@ class TestStore:
             locker.execute("ROLLBACK")
             locker.close()
 
-        assert [path for path in (tmp_path / "blobs").rglob("*") if path.is_file()] == []
+        blobs = [path for path in (tmp_path / "blobs").rglob("*") if path.is_file() and path.name != OWNER_MARKER_NAME]
+        assert blobs == []
         with pytest.raises(NotFound):
             store.list_datasets("d")

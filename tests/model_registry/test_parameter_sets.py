@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from lasagne_engine.arrays import header_for
+from lasagne_engine.blobstore.ownership import OWNER_MARKER_NAME
 from lasagne_engine.v1 import arrays_pb2, model_registry_pb2
 
 from .helpers import assert_serving, copy_registry, count_load_chunks, load_arrays, save_frames, wait_until
@@ -47,8 +48,15 @@ def list_sets(stub, **filters):
 
 
 def stored_blobs(root):
+    """Parameter set blobs under the registry's local blob folder, without the owner marker."""
     folder = root / "blobs" / "parameter-sets"
-    return sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()) if folder.exists() else []
+    if not folder.exists():
+        return []
+    return sorted(
+        path.relative_to(folder).as_posix()
+        for path in folder.rglob("*")
+        if path.is_file() and path.name != OWNER_MARKER_NAME
+    )
 
 
 def partial_blobs(root):

@@ -15,6 +15,8 @@ from lasagne_engine.errors import NotFound
 from lasagne_engine.model_registry.records import ParameterSetInfo
 from lasagne_engine.model_registry.store import RegistryStore
 
+from .test_services import blob_keys
+
 SIGNATURE = {
     "input_shape": [4],
     "input_dtype": "float32",
@@ -60,7 +62,7 @@ def test_fifty_concurrent_registrations(registry_store):
 
     assert errors == []
     assert sorted(versions) == list(range(1, 51))
-    assert len(list(registry_store.blobs.list("models/shared/"))) == 50
+    assert len(blob_keys(registry_store.blobs, "models/shared/")) == 50
     for version in (1, 25, 50):
         stored = registry_store.get_model(f"shared@{version}").source
         assert stored in {source(index) for index in range(50)}
@@ -76,7 +78,7 @@ def test_versions_not_reused_after_delete(registry_store):
     assert registry_store.register_model("m", source(11)).version == 5
 
     assert registry_store.get_model("m@5").source == source(11)
-    assert list(registry_store.blobs.list("models/")) == ["models/m/5.py"]
+    assert blob_keys(registry_store.blobs, "models/") == ["models/m/5.py"]
 
 
 def test_delete_unknown_model(registry_store):
@@ -99,5 +101,5 @@ def test_force_delete_removes_set_blobs(registry_store):
     deleted = registry_store.delete_model("m", force=True)
 
     assert deleted.parameter_set_ids == (saved.id,)
-    assert list(registry_store.blobs.list("")) == []
+    assert blob_keys(registry_store.blobs, "") == []
     assert registry_store.collect_garbage().pending_deletions_remaining == 0

@@ -9,6 +9,7 @@ import grpc
 import numpy as np
 import pytest
 
+from lasagne_engine.blobstore.ownership import OWNER_MARKER_NAME
 from lasagne_engine.client import Engine, FailedPreconditionError, NotFoundError, UnavailableError
 from lasagne_engine.config import StreamLimits
 from lasagne_engine.data_service import create_server as create_data_server
@@ -58,6 +59,11 @@ def seed_registry(template, root, blob_store) -> None:
             blob_store.put_bytes(path.relative_to(template / "blobs").as_posix(), path.read_bytes())
 
 
+def blob_keys(store, prefix: str) -> list[str]:
+    """Return the keys under ``prefix`` in sorted order, without the services' owner markers."""
+    return [key for key in store.list(prefix) if not key.endswith(OWNER_MARKER_NAME)]
+
+
 def dataset_arrays(seed: int = 0) -> dict[str, np.ndarray]:
     generator = np.random.default_rng(seed)
     return {
@@ -90,7 +96,7 @@ class TestDataService:
         for name, array in arrays.items():
             np.testing.assert_array_equal(loaded[name], array)
             assert loaded[name].dtype == array.dtype
-        keys = list(store.list("datasets/"))
+        keys = blob_keys(store, "datasets/")
         assert [key.rsplit("/", 1)[1] for key in keys] == ["X", "scalar", "y"]
 
     def test_disconnect_mid_upload_leaves_nothing(self, make_blob_store, tmp_path):
@@ -118,13 +124,13 @@ class TestDataService:
 
             # The server aborts the upload once it notices the cancellation.
             for _ in range(200):
-                if not list(store.list("datasets/")):
+                if not blob_keys(store, "datasets/"):
                     break
                 threading.Event().wait(0.05)
             with pytest.raises(NotFoundError):
                 engine.list_datasets("cut")
 
-        assert list(store.list("datasets/")) == []
+        assert blob_keys(store, "datasets/") == []
         assert store.abort_incomplete_writes("datasets/", keep=lambda key: False) == 0
 
     def test_delete_removes_blobs(self, make_blob_store, tmp_path):
@@ -134,11 +140,11 @@ class TestDataService:
             engine.upload_dataset("d", {"x": np.arange(20)})
 
             assert engine.delete_dataset("d@1") == [1]
-            assert len(list(store.list("datasets/"))) == 1
+            assert len(blob_keys(store, "datasets/")) == 1
             assert engine.delete_dataset("d@1", allow_missing=True) == []
             assert engine.delete_dataset("d") == [2]
 
-        assert list(store.list("datasets/")) == []
+        assert blob_keys(store, "datasets/") == []
 
     def test_orphans_removed_at_start_and_by_gc(self, make_blob_store, tmp_path):
         store = make_blob_store()
@@ -146,19 +152,19 @@ class TestDataService:
         store.put_bytes(orphan_at_start, b"left by a crash")
 
         with data_service(tmp_path / "data", store) as engine:
-            assert list(store.list("datasets/")) == []
+            assert blob_keys(store, "datasets/") == []
             engine.upload_dataset("d", {"x": np.arange(4)})
             orphan = f"datasets/d/{uuid.uuid4().hex}/x"
             store.put_bytes(orphan, b"left by a crash")
 
             counted = _data_gc(engine, dry_run=True)
             assert counted.orphan_blobs == 1
-            assert orphan in list(store.list("datasets/"))
+            assert orphan in blob_keys(store, "datasets/")
             report = _data_gc(engine)
 
             assert report.orphan_blobs == 1
             assert report.pending_deletions_remaining == 0
-            assert orphan not in list(store.list("datasets/"))
+            assert orphan not in blob_keys(store, "datasets/")
             np.testing.assert_array_equal(engine.load_dataset("d")["x"], np.arange(4))
 
     def test_gc_spares_uploads_in_progress(self, make_blob_store, tmp_path):
@@ -181,7 +187,7 @@ class TestDataService:
             upload.commit()
 
         assert datasets.describe("d").version == 1
-        assert len(list(store.list("datasets/"))) == 2
+        assert len(blob_keys(store, "datasets/")) == 2
 
     def test_fifty_concurrent_uploads(self, make_blob_store, tmp_path):
         store = make_blob_store()
@@ -208,7 +214,7 @@ class TestDataService:
             listed = engine.list_datasets("shared")
 
         assert [version.version for version in listed] == list(range(1, 51))
-        assert len(list(store.list("datasets/"))) == 50
+        assert len(blob_keys(store, "datasets/")) == 50
 
 
 class TestDataServiceOnFailingStorage:
@@ -223,7 +229,7 @@ class TestDataServiceOnFailingStorage:
             version = engine.upload_dataset("d", {"x": np.arange(10)})
 
         assert version.version == 1
-        assert len(list(store.list("datasets/"))) == 1
+        assert len(blob_keys(store, "datasets/")) == 1
 
     def test_failed_blob_delete_retried_by_gc(self, proxied_s3_store, tmp_path):
         store, proxy = proxied_s3_store
@@ -232,7 +238,7 @@ class TestDataServiceOnFailingStorage:
             proxy.policy = lambda request: Fail(503, "ServiceUnavailable") if request.method == "DELETE" else None
 
             assert engine.delete_dataset("d") == [1]
-            assert len(list(store.list("datasets/"))) == 2
+            assert len(blob_keys(store, "datasets/")) == 2
             still_down = _data_gc(engine)
             proxy.policy = lambda request: None
             report = _data_gc(engine)
@@ -240,7 +246,7 @@ class TestDataServiceOnFailingStorage:
         assert still_down.pending_deletions_remaining == 2
         assert report.pending_deletions_completed == 2
         assert report.pending_deletions_remaining == 0
-        assert list(store.list("datasets/")) == []
+        assert blob_keys(store, "datasets/") == []
 
     def test_failed_blob_delete_retried_at_start(self, proxied_s3_store, tmp_path):
         store, proxy = proxied_s3_store
@@ -251,7 +257,7 @@ class TestDataServiceOnFailingStorage:
         proxy.policy = lambda request: None
 
         with data_service(tmp_path / "data", store):
-            assert list(store.list("datasets/")) == []
+            assert blob_keys(store, "datasets/") == []
 
 
 class TestRegistry:
@@ -271,7 +277,7 @@ class TestRegistry:
 
         for name, array in arrays.items():
             np.testing.assert_array_equal(loaded[name], array)
-        assert list(store.list("parameter-sets/")) == [f"parameter-sets/{saved.id}/W", f"parameter-sets/{saved.id}/b"]
+        assert blob_keys(store, "parameter-sets/") == [f"parameter-sets/{saved.id}/W", f"parameter-sets/{saved.id}/b"]
 
     def test_held_set_cannot_be_deleted(self, registry_engine):
         engine, store = registry_engine
@@ -291,7 +297,7 @@ class TestRegistry:
         assert engine.release_parameter_set(saved.id, "s-other") == 0
         assert engine.delete_parameter_set(saved.id) is True
         assert engine.delete_parameter_set(saved.id, allow_missing=True) is False
-        assert list(store.list("parameter-sets/")) == []
+        assert blob_keys(store, "parameter-sets/") == []
 
     def test_hold_missing_set(self, registry_engine):
         engine, _ = registry_engine
@@ -313,7 +319,7 @@ class TestRegistry:
 
         assert list(deleted.deleted_versions) == [1]
         assert list(deleted.deleted_parameter_sets) == [saved.id]
-        assert list(store.list("")) == []
+        assert blob_keys(store, "") == []
         with pytest.raises(NotFoundError):
             engine.get_model("digits")
         assert list(engine.delete_model("digits", allow_missing=True).deleted_versions) == []
@@ -329,7 +335,7 @@ class TestRegistry:
 
         assert counted.orphan_blobs == 2
         assert report.orphan_blobs == 2
-        assert sorted(store.list("")) == ["models/digits/1.py", f"parameter-sets/{saved.id}/w"]
+        assert blob_keys(store, "") == ["models/digits/1.py", f"parameter-sets/{saved.id}/w"]
 
 
 def _data_gc(engine: Engine, *, dry_run: bool = False) -> storage_pb2.CollectGarbageResponse:
