@@ -120,7 +120,7 @@ class EpochMetrics(_message.Message):
     def __init__(self, epoch: _Optional[int] = ..., step: _Optional[int] = ..., train_loss: _Optional[float] = ..., val_loss: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., parameter_set_id: _Optional[str] = ..., epoch_seconds: _Optional[float] = ..., examples_per_second: _Optional[float] = ...) -> None: ...
 
 class Session(_message.Message):
-    __slots__ = ("id", "model", "model_version", "dataset", "dataset_version", "hyperparameters", "state", "device", "backend", "created_at", "started_at", "finished_at", "error", "epochs", "best_parameter_set_id", "last_parameter_set_id", "epoch", "step", "steps_per_epoch", "description", "pid", "compile_seconds", "history", "resumed_from", "estimated_bytes", "queue_position")
+    __slots__ = ("id", "model", "model_version", "dataset", "dataset_version", "hyperparameters", "state", "device", "backend", "created_at", "started_at", "finished_at", "error", "epochs", "best_parameter_set_id", "last_parameter_set_id", "epoch", "step", "steps_per_epoch", "description", "pid", "compile_seconds", "history", "resumed_from", "estimated_bytes", "queue_position", "train_inputs", "train_targets", "val_inputs", "val_targets")
     ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -147,6 +147,10 @@ class Session(_message.Message):
     RESUMED_FROM_FIELD_NUMBER: _ClassVar[int]
     ESTIMATED_BYTES_FIELD_NUMBER: _ClassVar[int]
     QUEUE_POSITION_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_TARGETS_FIELD_NUMBER: _ClassVar[int]
+    VAL_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    VAL_TARGETS_FIELD_NUMBER: _ClassVar[int]
     id: str
     model: str
     model_version: int
@@ -173,7 +177,11 @@ class Session(_message.Message):
     resumed_from: str
     estimated_bytes: int
     queue_position: int
-    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[int] = ..., dataset: _Optional[str] = ..., dataset_version: _Optional[int] = ..., hyperparameters: _Optional[_Union[Hyperparameters, _Mapping]] = ..., state: _Optional[_Union[SessionState, str]] = ..., device: _Optional[str] = ..., backend: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[str] = ..., epochs: _Optional[_Iterable[_Union[EpochMetrics, _Mapping]]] = ..., best_parameter_set_id: _Optional[str] = ..., last_parameter_set_id: _Optional[str] = ..., epoch: _Optional[int] = ..., step: _Optional[int] = ..., steps_per_epoch: _Optional[int] = ..., description: _Optional[str] = ..., pid: _Optional[int] = ..., compile_seconds: _Optional[float] = ..., history: _Optional[_Iterable[_Union[HyperparameterChange, _Mapping]]] = ..., resumed_from: _Optional[str] = ..., estimated_bytes: _Optional[int] = ..., queue_position: _Optional[int] = ...) -> None: ...
+    train_inputs: str
+    train_targets: str
+    val_inputs: str
+    val_targets: str
+    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[int] = ..., dataset: _Optional[str] = ..., dataset_version: _Optional[int] = ..., hyperparameters: _Optional[_Union[Hyperparameters, _Mapping]] = ..., state: _Optional[_Union[SessionState, str]] = ..., device: _Optional[str] = ..., backend: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[str] = ..., epochs: _Optional[_Iterable[_Union[EpochMetrics, _Mapping]]] = ..., best_parameter_set_id: _Optional[str] = ..., last_parameter_set_id: _Optional[str] = ..., epoch: _Optional[int] = ..., step: _Optional[int] = ..., steps_per_epoch: _Optional[int] = ..., description: _Optional[str] = ..., pid: _Optional[int] = ..., compile_seconds: _Optional[float] = ..., history: _Optional[_Iterable[_Union[HyperparameterChange, _Mapping]]] = ..., resumed_from: _Optional[str] = ..., estimated_bytes: _Optional[int] = ..., queue_position: _Optional[int] = ..., train_inputs: _Optional[str] = ..., train_targets: _Optional[str] = ..., val_inputs: _Optional[str] = ..., val_targets: _Optional[str] = ...) -> None: ...
 
 class HyperparameterChange(_message.Message):
     __slots__ = ("changed_at", "step", "name", "old_value", "new_value")

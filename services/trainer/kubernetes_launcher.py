@@ -306,6 +306,14 @@ class KubernetesLauncher:
         """Stop watching the Jobs; each watch thread ends within ``watch_timeout_s``. Jobs keep running."""
         self.closed.set()
 
+    def end_orphan(self, session_id: str, pid: int, timeout_s: float) -> None:
+        """Leave a Job of a previous trainer run to end by itself.
+
+        Its session process checkpoints and exits once it loses its trainer, and Kubernetes
+        keeps a new pod off the GPU until then, so nothing here needs to wait or delete.
+        """
+        logger.info("Session %s: its Job from the previous trainer run ends by itself after a checkpoint", session_id)
+
     def launch(self, request: LaunchRequest, on_exit: Callable[[int, str], None]) -> KubernetesSession:
         """Create the Secret and the Job of one launch and start watching the Job.
 

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -46,6 +47,18 @@ def limit_threads_to_one_core(environment: dict[str, str]) -> None:
 def pinned_command(python_executable: str, core: int, module: str, arguments: list[str]) -> list[str]:
     """Return the command that runs ``python -m module arguments`` pinned to ``core`` from its start."""
     return [python_executable, "-c", _PINNED_START, str(core), module, *arguments]
+
+
+def _is_session_process(pid: int, session_id: str) -> bool:
+    """Tell whether ``pid`` is a live session process for ``session_id``, from its command line.
+
+    A zombie counts as gone: its command line reads empty.
+    """
+    try:
+        arguments = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return session_id.encode() in arguments and b"lasagne_engine.trainer.worker" in arguments
 
 
 @dataclass
@@ -135,6 +148,9 @@ class LocalLauncher:
         environment = compute_environment(self.compile_cache, backend=request.backend, base=base)
         kind, _, index = request.device.partition(":")
         if kind == "gpu":
+            # nvidia-smi numbers GPUs in PCI bus order, and CUDA does so only when this variable
+            # says so. The default order puts the fastest first, so an index could pick another GPU.
+            environment["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
             environment["CUDA_VISIBLE_DEVICES"] = index
         else:
             environment["CUDA_VISIBLE_DEVICES"] = ""
@@ -155,6 +171,36 @@ class LocalLauncher:
         if request.cpu_core is not None and hasattr(os, "sched_setaffinity"):
             return pinned_command(self.python_executable, request.cpu_core, "lasagne_engine.trainer.worker", arguments)
         return [self.python_executable, "-m", "lasagne_engine.trainer.worker", *arguments]
+
+    def end_orphan(self, session_id: str, pid: int, timeout_s: float) -> None:
+        """End a session process that a previous run of the trainer started and left behind.
+
+        Such a process checkpoints and exits once it notices that its trainer is gone. It gets
+        ``timeout_s`` seconds to do so, then its process group is killed. A ``pid`` that now
+        belongs to another program is left alone.
+        """
+        if not _is_session_process(pid, session_id):
+            return
+        logger.info("Session %s: waiting up to %.0f s for process %d of the previous trainer run to exit",
+                    session_id, timeout_s, pid)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not _is_session_process(pid, session_id):
+                logger.info("Session %s: process %d of the previous trainer run has exited", session_id, pid)
+                return
+            time.sleep(0.2)
+        logger.warning("Session %s: process %d of the previous trainer run did not exit within %.0f s; killing it",
+                       session_id, pid, timeout_s)
+        try:
+            # Launched with start_new_session, so the process leads its own group.
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        except PermissionError as error:
+            logger.error("Session %s: could not kill process %d: %s", session_id, pid, error)
+            return
+        while time.monotonic() < deadline + 10 and _is_session_process(pid, session_id):
+            time.sleep(0.1)
 
     def launch(self, request: LaunchRequest, on_exit: Callable[[int, str], None]) -> LocalProcess:
         request.working_dir.mkdir(parents=True, exist_ok=True)

@@ -43,6 +43,12 @@ CONTROLLABLE_STATES = frozenset({trainer_pb2.RUNNING, trainer_pb2.PAUSED})
 RESUMABLE_STATES = frozenset({trainer_pb2.SUSPENDED, trainer_pb2.INTERRUPTED})
 # How long ResumeSession waits for a suspended session's process to exit.
 SUSPEND_EXIT_TIMEOUT_S = 30.0
+# How long a restarted trainer lets a session process of its previous run checkpoint and exit
+# before it kills the process. Such a process checkpoints as soon as it loses its trainer.
+ORPHAN_EXIT_TIMEOUT_S = 30.0
+# How long ResumeSession waits for that recovery, which ends in ORPHAN_EXIT_TIMEOUT_S plus a few
+# registry calls.
+RECOVERY_TIMEOUT_S = ORPHAN_EXIT_TIMEOUT_S + 60.0
 
 
 @dataclass
@@ -146,10 +152,14 @@ class SessionManager:
         self._metric_subscribers: list[tuple[frozenset[str], queue.Queue]] = []
         self._request_ids = itertools.count(1)
         self._closed = False
+        # Set once the sessions of the previous run are settled; nothing is placed before that.
+        self._recovered = threading.Event()
         self._recover()
         self._devices_changed()
 
     def _recover(self) -> None:
+        """Mark the sessions the previous run left live as interrupted, then settle them in the background."""
+        interrupted = []
         for record in self._store.all():
             if record.state in LIVE_STATES:
                 previous = trainer_pb2.SessionState.Name(record.state).lower()
@@ -162,7 +172,55 @@ class SessionManager:
                 record.finished_at.CopyFrom(to_timestamp(time.time()))
                 self._store.put(record)
                 logger.warning("Session %s was %s when the trainer stopped; marked interrupted", record.id, previous)
+                interrupted.append((record.id, record.pid))
             self._records[record.id] = record
+        if not interrupted:
+            self._recovered.set()
+            return
+        threading.Thread(
+            target=self._settle_interrupted, args=(interrupted,), name="trainer-recovery", daemon=True
+        ).start()
+
+    def _settle_interrupted(self, interrupted: list[tuple[str, int]]) -> None:
+        """End the session processes the previous run left behind and record their last checkpoints.
+
+        A process whose trainer died checkpoints and exits by itself, but one still loading or
+        compiling would hold its device for a while, so each gets ``ORPHAN_EXIT_TIMEOUT_S`` and
+        is then killed. Its checkpoint never reached the old trainer, so the registry's listing
+        shows which parameter set is the session's latest. The holds of these sessions are released,
+        since nothing runs on them until they are resumed.
+        """
+        try:
+            for session_id, pid in interrupted:
+                if pid > 0:
+                    self.launcher.end_orphan(session_id, pid, ORPHAN_EXIT_TIMEOUT_S)
+                self._record_latest_parameter_set(session_id)
+                self._release_holds(session_id)
+        except Exception:  # noqa: BLE001 - recovery must not keep the trainer from placing sessions
+            logger.exception("Recovering the sessions of the previous trainer run failed")
+        finally:
+            self._recovered.set()
+            logger.info("Recovered %d interrupted sessions", len(interrupted))
+        self._schedule()
+
+    def _record_latest_parameter_set(self, session_id: str) -> None:
+        try:
+            saved = self._engine.list_parameter_sets(session_id=session_id)
+        except Exception as error:  # noqa: BLE001 - resuming then starts from the last set the record names
+            logger.warning("Session %s: could not list its parameter sets to find its last checkpoint: %s",
+                           session_id, error)
+            return
+        if not saved:
+            return
+        latest = max(saved, key=lambda parameter_set: parameter_set.step)
+        with self._lock:
+            record = self._records[session_id]
+            if latest.id != record.last_parameter_set_id and latest.step >= record.step:
+                logger.info("Session %s: its last checkpoint is parameter set %s at step %d",
+                            session_id, latest.id, latest.step)
+                record.last_parameter_set_id = latest.id
+                record.step = latest.step
+                self._store.put(record)
 
     # Starting ------------------------------------------------------------------------------
 
@@ -299,6 +357,10 @@ class SessionManager:
             resumed_from=request.resume_from,
             estimated_bytes=estimate,
             step=first_step,
+            train_inputs=request.train_inputs,
+            train_targets=request.train_targets,
+            val_inputs=request.val_inputs,
+            val_targets=request.val_targets,
         )
         spec = trainer_pb2.SessionSpec(
             session_id=session_id,
@@ -331,11 +393,16 @@ class SessionManager:
         return self.get(session_id)
 
     def _hold(self, parameter_set_id: str, session_id: str) -> None:
-        """Keep the registry from deleting a parameter set the session starts from while it runs."""
-        try:
-            self._engine.hold_parameter_set(parameter_set_id, session_id)
-        except Exception as error:  # noqa: BLE001 - the session can run without the hold
-            logger.warning("Session %s could not hold parameter set %s: %s", session_id, parameter_set_id, error)
+        """Keep the registry from deleting a parameter set the session starts from while it runs.
+
+        Raises
+        ------
+        NotFound
+            If the parameter set was deleted meanwhile.
+        Unavailable
+            If the registry cannot be reached; the session does not start unprotected.
+        """
+        self._resolve(lambda: self._engine.hold_parameter_set(parameter_set_id, session_id))
 
     def _release_holds(self, session_id: str) -> None:
         try:
@@ -363,13 +430,16 @@ class SessionManager:
         A session that names a busy device keeps its place without blocking later sessions that
         can run elsewhere.
         """
+        if not self._recovered.is_set():
+            return  # _settle_interrupted places the queue once the previous run's processes are gone
         to_launch: list[LiveSession] = []
         with self._lock:
             if self._closed:
                 return
             for session_id in list(self._queue):
                 live = self._live.get(session_id)
-                if live is None:
+                if live is None or session_id in self._occupant.values():
+                    # Gone, or placed already: a session id is never launched twice.
                     self._queue.remove(session_id)
                     continue
                 device = self._free_device_for(live)
@@ -384,8 +454,7 @@ class SessionManager:
                 live.spec.device = device.name
                 live.spec.backend = record.backend
                 to_launch.append(live)
-            for position, session_id in enumerate(self._queue, start=1):
-                self._records[session_id].queue_position = position
+            self._number_queue()
             for live in to_launch:
                 live.record.queue_position = 0
                 self._store.put(live.record)
@@ -394,6 +463,11 @@ class SessionManager:
             self._launch(live)
         if to_launch:
             self._devices_changed()
+
+    def _number_queue(self) -> None:
+        """Give every queued session its place in the queue. Call under the lock."""
+        for position, session_id in enumerate(self._queue, start=1):
+            self._records[session_id].queue_position = position
 
     def _launch(self, live: LiveSession) -> None:
         record = live.record
@@ -622,6 +696,7 @@ class SessionManager:
             self._release_device(session_id)
             if session_id in self._queue:
                 self._queue.remove(session_id)
+                self._number_queue()
             self._store.put(record)
             self._publish(session_id, trainer_pb2.SessionEvent(state=state))
             snapshot = self._copy(record)
@@ -674,23 +749,68 @@ class SessionManager:
     def stop(self, session_id: str) -> trainer_pb2.Session:
         """Ask a live session to save a final parameter set and stop; a queued one stops at once.
 
+        A suspended or interrupted session also stops at once: it saved its last parameter set
+        when it left its device, and that set gets the tag ``final``.
+
         Raises
         ------
         NotFound
             If there is no such session.
         FailedPrecondition
             If the session has already finished.
+        Unavailable
+            If a suspended session's process has not exited yet.
         """
+        self._wait_for_exit(session_id)
         with self._lock:
-            live = self._live_session(session_id, "be stopped")
-            queued = live.record.state == trainer_pb2.QUEUED
-            live.stop_requested = True
-            if live.attached:
-                live.commands.put(trainer_pb2.WorkerCommand(stop=True))
+            record = self._get_record(session_id)
+            parked = record.state in RESUMABLE_STATES
+            if parked:
+                self._check_exited(session_id, "stop")
+                final_parameter_set_id = record.last_parameter_set_id
+            else:
+                live = self._live_session(session_id, "be stopped")
+                queued = live.record.state == trainer_pb2.QUEUED
+                live.stop_requested = True
+                if live.attached:
+                    live.commands.put(trainer_pb2.WorkerCommand(stop=True))
             logger.info("Stop requested for session %s", session_id)
-        if queued:
+        if parked:
+            self._finish(session_id, trainer_pb2.STOPPED)
+            if final_parameter_set_id:
+                self._tag_final(session_id, final_parameter_set_id)
+        elif queued:
             self._finish(session_id, trainer_pb2.STOPPED)
         return self.get(session_id)
+
+    def _tag_final(self, session_id: str, parameter_set_id: str) -> None:
+        try:
+            self._engine.tag_parameter_set(parameter_set_id, add=["final"], exclusive_in_session=True)
+        except Exception as error:  # noqa: BLE001 - the session is stopped either way
+            logger.warning("Session %s: could not tag its last parameter set %s final: %s",
+                           session_id, parameter_set_id, error)
+
+    def _wait_for_exit(self, session_id: str) -> None:
+        """Wait up to ``SUSPEND_EXIT_TIMEOUT_S`` for a suspended session's process to exit.
+
+        A suspended session has saved its checkpoint, but its device is free only once its
+        process has exited.
+        """
+        with self._lock:
+            record = self._get_record(session_id)
+            live = self._live.get(session_id)
+            exiting = live.process if record.state in RESUMABLE_STATES and live is not None else None
+        if exiting is not None:
+            exiting.join(SUSPEND_EXIT_TIMEOUT_S)
+
+    def _check_exited(self, session_id: str, action: str) -> None:
+        """Raise UNAVAILABLE if a suspended session's process is still exiting. Call under the lock."""
+        record = self._records[session_id]
+        if record.state in RESUMABLE_STATES and session_id in self._live:
+            raise errors.Unavailable(
+                f"Session {session_id!r} is {trainer_pb2.SessionState.Name(record.state).lower()} but its process "
+                f"has not exited after {SUSPEND_EXIT_TIMEOUT_S:.0f} s; retry the {action} shortly."
+            )
 
     def pause(self, session_id: str, *, release: bool) -> trainer_pb2.Session:
         """Pause a running session before its next step; with ``release``, checkpoint and free its device.
@@ -720,22 +840,13 @@ class SessionManager:
         FailedPrecondition
             If the session is neither paused, suspended nor interrupted.
         """
+        if not self._recovered.wait(RECOVERY_TIMEOUT_S):
+            raise errors.Unavailable("The trainer is still recovering the sessions of its previous run; retry shortly.")
+        self._wait_for_exit(session_id)
         with self._lock:
             record = self._get_record(session_id)
             live = self._live.get(session_id)
-            exiting = live.process if record.state in RESUMABLE_STATES and live is not None else None
-        if exiting is not None:
-            # A suspended session has saved its checkpoint; its process may still be exiting, and
-            # the device is free only once it has.
-            exiting.join(SUSPEND_EXIT_TIMEOUT_S)
-        with self._lock:
-            record = self._get_record(session_id)
-            live = self._live.get(session_id)
-            if record.state in RESUMABLE_STATES and live is not None:
-                raise errors.Unavailable(
-                    f"Session {session_id!r} is {trainer_pb2.SessionState.Name(record.state).lower()} but its process "
-                    f"has not exited after {SUSPEND_EXIT_TIMEOUT_S:.0f} s; retry the resume shortly."
-                )
+            self._check_exited(session_id, "resume")
             if record.state == trainer_pb2.PAUSED and live is not None and live.attached:
                 live.commands.put(trainer_pb2.WorkerCommand(resume=True))
                 logger.info("Resume requested for session %s", session_id)
@@ -749,7 +860,19 @@ class SessionManager:
         first_step = 0
         if resume_from:
             first_step = self._resolve(lambda: self._engine.get_parameter_set(resume_from)).step
+        # Every set the session saved, checkpoints included, so that retention keeps counting them.
+        saved = sorted(self._resolve(lambda: self._engine.list_parameter_sets(session_id=session_id)),
+                       key=lambda parameter_set: parameter_set.step)
+        if resume_from:
+            self._hold(resume_from, session_id)
         with self._lock:
+            record = self._get_record(session_id)
+            if record.state not in RESUMABLE_STATES or session_id in self._live:
+                # Another ResumeSession call got here first.
+                raise errors.FailedPrecondition(
+                    f"Session {session_id!r} is {trainer_pb2.SessionState.Name(record.state).lower()}; only a "
+                    "paused, suspended or interrupted session can be resumed."
+                )
             spec = trainer_pb2.SessionSpec(
                 session_id=record.id,
                 model=record.model,
@@ -757,11 +880,15 @@ class SessionManager:
                 dataset=record.dataset,
                 dataset_version=record.dataset_version,
                 hyperparameters=record.hyperparameters,
+                train_inputs=record.train_inputs,
+                train_targets=record.train_targets,
+                val_inputs=record.val_inputs,
+                val_targets=record.val_targets,
                 init_parameter_set=resume_from,
                 registry_address=self.registry_address,
                 data_address=self.data_address,
                 first_step=first_step,
-                saved_parameter_set_ids=[epoch.parameter_set_id for epoch in record.epochs if epoch.parameter_set_id],
+                saved_parameter_set_ids=[parameter_set.id for parameter_set in saved],
             )
             live = LiveSession(record=record, spec=spec, token=secrets.token_hex(16), estimated_bytes=record.estimated_bytes)
             record.state = trainer_pb2.QUEUED
@@ -772,8 +899,6 @@ class SessionManager:
             self._queue.append(session_id)
             self._store.put(record)
             self._publish(session_id, trainer_pb2.SessionEvent(state=record.state))
-        if resume_from:
-            self._hold(resume_from, session_id)
         logger.info("Session %s requeued to resume from parameter set %s at step %d", session_id, resume_from or "none", first_step)
         self._schedule()
         return self.get(session_id)
@@ -924,12 +1049,17 @@ class SessionManager:
         """Have every session checkpoint and exit as interrupted, then terminate what remains."""
         with self._lock:
             self._closed = True
-            live_sessions = list(self._live.items())
-            for session_id in list(self._queue):
+            queued = list(self._queue)
+            live_sessions = [(session_id, live) for session_id, live in self._live.items() if session_id not in queued]
+            for session_id in queued:
                 self._records[session_id].state = trainer_pb2.INTERRUPTED
                 self._records[session_id].error = "The trainer stopped while the session was queued."
+                self._records[session_id].queue_position = 0
                 self._store.put(self._records[session_id])
+                self._live.pop(session_id, None)
             self._queue.clear()
+        for session_id in queued:
+            self._release_holds(session_id)
             for session_id, live in live_sessions:
                 if live.attached:
                     logger.info("Asking session %s to checkpoint before the trainer stops", session_id)

@@ -15,6 +15,7 @@ import threading
 import traceback
 import warnings
 
+import numpy as np
 from google.protobuf import json_format
 
 from lasagne_engine import rpc
@@ -307,8 +308,10 @@ class Worker:
         # ranks first, as it does for the "best" tag, which moves only on a strict improvement.
         scored.sort(key=lambda item: item[0], reverse=self.monitor in MAXIMIZED_METRICS)
         keep.update(parameter_set_id for _, parameter_set_id in scored[: max(keep_best, 1)])
-        # The tagged best set always stays, so the tag never points at a deleted set.
+        # The tagged best set always stays, so the tag never points at a deleted set. So does the
+        # set the session started from, which the registry keeps from deletion while it runs.
         keep.add(self.best_parameter_set_id)
+        keep.add(self.spec.init_parameter_set)
         for parameter_set_id, value, step in list(self.saved):
             if parameter_set_id in keep:
                 continue
@@ -340,8 +343,20 @@ class Worker:
             step=step, parameters=[trainer_pb2.ParameterStatistic(**row) for row in rows])))
 
     def _save(self, *, epoch: int, metrics: dict, tags: list[str]):
+        """Save the session's parameters to the registry and tag them.
+
+        Raises
+        ------
+        NonFiniteLoss
+            If a parameter contains NaN or an infinity, so that no such set is ever stored as good.
+        """
         run = self.run_state
         arrays, roles = run.parameter_arrays()
+        broken = [name for name, array in arrays.items() if array.dtype.kind == "f" and not np.isfinite(array).all()]
+        if broken:
+            raise NonFiniteLoss(
+                f"Parameters {', '.join(broken)} became non-finite by epoch {epoch}, step {run.step}; nothing was saved."
+            )
         parameter_set = self.engine.save_parameter_set(
             self.model_ref,
             arrays,

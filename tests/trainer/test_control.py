@@ -1,6 +1,8 @@
 import contextlib
 import io
 import os
+import re
+import threading
 import time
 
 import numpy as np
@@ -225,15 +227,92 @@ def test_early_stopping_and_retention(two_devices):
     assert final.best_parameter_set_id == final.epochs[0].parameter_set_id
 
 
-def test_non_finite_loss_fails_with_step(two_devices):
+def test_non_finite_loss_names_last_good_set(two_devices):
     engine = two_devices.engine
-    session = engine.start_session("mlp", "digits", epochs=5, batch_size=64, optimizer="sgd", learning_rate=1e30)
+    session = engine.start_session("mlp", "digits", epochs=LONG, batch_size=64, optimizer="sgd", learning_rate=1e-3)
+    deadline = time.monotonic() + 300
+    while not engine.get_session(session.id).epochs and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert engine.get_session(session.id).epochs, "the session finished no epoch"
 
-    final = engine.wait_session(session.id, timeout_s=300)
+    engine.update_hyperparameters(session.id, learning_rate=1e30)
+    final = engine.wait_session(session.id, timeout_s=120)
 
     assert final.state == trainer_pb2.FAILED
-    assert "step" in final.error
-    assert "last good parameter set" in final.error
+    assert re.search(r"step \d+", final.error), final.error
+    assert final.last_parameter_set_id
+    assert f"the last good parameter set is {final.last_parameter_set_id}" in final.error
+    good = engine.load_parameter_set(final.last_parameter_set_id)
+    assert all(np.isfinite(array).all() for array in good.values())
+
+
+def test_suspended_session_keeps_array_names_and_stops(two_devices):
+    engine = two_devices.engine
+    split = digits_split()
+    engine.upload_dataset("digits-renamed", {
+        "inputs": split["X_train"], "labels": split["y_train"],
+        "held_out_inputs": split["X_val"], "held_out_labels": split["y_val"],
+    })
+    names = {"train_inputs": "inputs", "train_targets": "labels",
+             "val_inputs": "held_out_inputs", "val_targets": "held_out_labels"}
+    session = engine.start_session("mlp", "digits-renamed", epochs=LONG, batch_size=8, **names)
+    try:
+        wait_for_state(engine, session.id, {trainer_pb2.RUNNING})
+        engine.pause_session(session.id, release=True)
+        wait_for_state(engine, session.id, {trainer_pb2.SUSPENDED}, timeout_s=60)
+
+        engine.resume_session(session.id)
+        resumed = wait_for_state(engine, session.id, {trainer_pb2.RUNNING, trainer_pb2.FAILED}, timeout_s=120)
+        assert resumed.state == trainer_pb2.RUNNING, resumed.error
+        assert {key: getattr(resumed, key) for key in names} == names
+
+        engine.pause_session(session.id, release=True)
+        suspended = wait_for_state(engine, session.id, {trainer_pb2.SUSPENDED}, timeout_s=60)
+        stopped = engine.stop_session(session.id)
+
+        assert stopped.state == trainer_pb2.STOPPED
+        assert stopped.last_parameter_set_id == suspended.last_parameter_set_id
+        assert "final" in engine.get_parameter_set(suspended.last_parameter_set_id).tags
+        with pytest.raises(FailedPreconditionError, match="is stopped"):
+            engine.resume_session(session.id)
+    finally:
+        stop_all(engine)
+
+
+def test_concurrent_resumes_start_one_process(two_devices):
+    engine = two_devices.engine
+    session = engine.start_session("mlp", "digits", epochs=LONG, batch_size=8)
+    try:
+        wait_for_state(engine, session.id, {trainer_pb2.RUNNING})
+        engine.pause_session(session.id, release=True)
+        wait_for_state(engine, session.id, {trainer_pb2.SUSPENDED}, timeout_s=60)
+        wait_devices_free(engine)
+        barrier = threading.Barrier(2)
+        outcomes = []
+
+        def resume() -> None:
+            barrier.wait()
+            try:
+                engine.resume_session(session.id)
+                outcomes.append("resumed")
+            except FailedPreconditionError:
+                outcomes.append("rejected")
+
+        threads = [threading.Thread(target=resume) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+
+        assert sorted(outcomes) == ["rejected", "resumed"]
+        running = wait_for_state(engine, session.id, {trainer_pb2.RUNNING, trainer_pb2.FAILED}, timeout_s=120)
+        assert running.state == trainer_pb2.RUNNING, running.error
+        time.sleep(2.0)  # a second process would have attached, been refused and failed the session by now
+        assert engine.get_session(session.id).state == trainer_pb2.RUNNING
+        holding = [device.name for device in engine.get_devices().devices if session.id in device.session_ids]
+        assert len(holding) == 1
+    finally:
+        stop_all(engine)
 
 
 def test_interrupted_session_resumes_after_restart(tmp_path, compile_cache):
