@@ -354,8 +354,8 @@ class SessionRun:
 
         ``before_step`` runs before every step and returns True to end the epoch early, in which
         case this returns None and the steps taken so far stay applied. ``on_step`` receives a
-        report about every ``report_every_s`` seconds with the durations of the steps since the
-        last one. ``on_statistics`` receives the step and per-parameter statistics every
+        report after the epoch's first step, then about every ``report_every_s`` seconds and after
+        its last step, with the durations of the steps since the previous report. ``on_statistics`` receives the step and per-parameter statistics every
         ``statistics_every_steps`` steps, but not more often than once per
         ``statistics_min_interval_s`` seconds.
 
@@ -395,7 +395,8 @@ class SessionRun:
                 self._last_statistics = step_started
                 on_statistics(self.step, self._statistics_rows(statistics))
             loss_sum += loss_value
-            if on_step is not None and (now - last_report >= report_every_s or batch_index == self.steps_per_epoch - 1):
+            report_due = steps_run == 1 or now - last_report >= report_every_s or batch_index == self.steps_per_epoch - 1
+            if on_step is not None and report_due:
                 elapsed = now - started
                 on_step(
                     StepReport(

@@ -34,6 +34,18 @@ def test_step_takes_only_batch_index():
 
 
 @pytest.mark.slow
+def test_epoch_reports_first_and_last_step():
+    run = new_run()
+    run.compile()
+    reported = []
+
+    run.run_epoch(1, on_step=lambda report, step_seconds: reported.append((report.step_in_epoch, len(step_seconds))),
+                  report_every_s=1e9)
+
+    assert reported == [(1, 1), (run.steps_per_epoch, run.steps_per_epoch - 1)]
+
+
+@pytest.mark.slow
 def test_learning_rate_changes_without_recompiling():
     run = new_run()
     run.compile()
@@ -44,6 +56,37 @@ def test_learning_rate_changes_without_recompiling():
 
     assert run.train_step is compiled
     assert run.learning_rate.get_value() == pytest.approx(0.5)
+
+
+def one_step_update(run: SessionRun, start: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Set the parameters to ``start``, take the first step of epoch 1 and return each trainable array's change."""
+    run.load_arrays(start, source="the test's start values")
+    calls = []
+
+    def before_step() -> bool:
+        calls.append(None)
+        return len(calls) > 1  # let exactly one step run
+
+    assert run.run_epoch(1, before_step=before_step) is None
+    after, roles = run.parameter_arrays()
+    return {name: after[name] - start[name] for name, role in roles.items() if role == "trainable"}
+
+
+@pytest.mark.slow
+def test_learning_rate_scales_next_update():
+    run = new_run(optimizer="sgd", learning_rate=0.01)
+    run.compile()
+    compiled = run.train_step
+    start, _ = run.parameter_arrays()
+
+    small = one_step_update(run, start)
+    run.set_learning_rate(0.02)
+    large = one_step_update(run, start)
+
+    assert run.train_step is compiled
+    assert all(np.abs(change).max() > 0 for change in small.values())
+    for name in small:
+        np.testing.assert_allclose(large[name], 2 * small[name], rtol=1e-4, atol=1e-7, err_msg=name)
 
 
 @pytest.mark.slow
