@@ -2,6 +2,7 @@
 
 import dataclasses
 import re
+import uuid
 
 from lasagne_engine.errors import InvalidArgument
 
@@ -25,6 +26,8 @@ class ModelVersion:
     source: str | None = None
     # False when registration returned an existing version with identical source.
     created: bool = False
+    # Blob key of the source; empty only in records built outside the store.
+    source_key: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,19 +96,32 @@ MODELS_PREFIX = "models/"
 MAX_SESSION_ID_LENGTH = 128
 
 
+# The file name of a source blob written since sources got unique keys: "source-" and a uuid4 hex.
+_UNIQUE_SOURCE_FILE = re.compile(r"source-[0-9a-f]{32}\.py")
+# The file name of a source blob of a version registered before that, which is its version number.
+_LEGACY_SOURCE_FILE = re.compile(r"[0-9]+\.py")
+
+
 def model_source_key(name: str, version: int) -> str:
+    """Return the source key that versions registered before unique source keys use.
+
+    Rows of those versions have no ``source_key``. The key depends only on the version number, so
+    new registrations use :func:`new_model_source_key` instead.
+    """
     return f"{MODELS_PREFIX}{name}/{version}.py"
 
 
-def parse_model_source_key(key: str) -> tuple[str, int] | None:
-    """Return the model name and version of a source key, or None for a key of another form."""
+def new_model_source_key(name: str) -> str:
+    """Return a source key that no other registration uses, even of the same version number."""
+    return f"{MODELS_PREFIX}{name}/source-{uuid.uuid4().hex}.py"
+
+
+def is_model_source_key(key: str) -> bool:
+    """Return whether ``key`` has the form of a model source key, legacy or unique."""
     parts = key.removeprefix(MODELS_PREFIX).split("/")
-    if not key.startswith(MODELS_PREFIX) or len(parts) != 2 or not parts[1].endswith(".py"):
-        return None
-    try:
-        return parts[0], int(parts[1].removesuffix(".py"))
-    except ValueError:
-        return None
+    if not key.startswith(MODELS_PREFIX) or len(parts) != 2:
+        return False
+    return bool(_UNIQUE_SOURCE_FILE.fullmatch(parts[1]) or _LEGACY_SOURCE_FILE.fullmatch(parts[1]))
 
 
 def validate_session_id(session_id: str) -> str:

@@ -3,7 +3,8 @@
 Layout under the registry's root folder and its blob store::
 
     registry.sqlite3                       model versions, parameter sets, their arrays, tags and holds
-    blobs/models/<name>/<version>.py       source of each model version (sha256 in the metadata)
+    blobs/models/<name>/source-<uuid>.py   source of each model version (key and sha256 in the metadata)
+    blobs/models/<name>/<version>.py       source of a version registered before sources had unique keys
     blobs/parameter-sets/<id>/<array>      raw C-order bytes of each array of a parameter set
 
 A parameter set's metadata rows are inserted in one transaction after every one of its blobs has
@@ -46,8 +47,9 @@ from lasagne_engine.model_registry.records import (
     ParameterSetHold,
     ParameterSetInfo,
     array_key,
+    is_model_source_key,
     model_source_key,
-    parse_model_source_key,
+    new_model_source_key,
     validate_parameter_set_id,
     validate_session_id,
 )
@@ -72,6 +74,8 @@ CREATE TABLE IF NOT EXISTS model_versions (
     default_hyperparameters TEXT NOT NULL,
     signature TEXT NOT NULL,
     created_at REAL NOT NULL,
+    -- NULL in rows written before sources had unique keys; those use models/<name>/<version>.py.
+    source_key TEXT,
     PRIMARY KEY (name, version)
 );
 
@@ -166,6 +170,8 @@ class RegistryStore:
         self._check_definition = check_definition
         self._lock = threading.Lock()
         self._uploading: set[str] = set()
+        # Source keys written by registrations whose row is not committed yet, spared by gc.
+        self._registering_sources: set[str] = set()
 
         # isolation_level=None leaves transactions to the explicit BEGIN in _transaction().
         self._connection = sqlite3.connect(
@@ -176,6 +182,7 @@ class RegistryStore:
         self._connection.execute("PRAGMA foreign_keys = ON")
         self._connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         self._connection.executescript(SCHEMA)
+        self._add_source_key_column()
         # Closes the connection when the store is collected, for servers that never call close().
         self._close_connection = weakref.finalize(self, self._connection.close)
 
@@ -197,6 +204,14 @@ class RegistryStore:
             logger.error("Skipped the startup cleanup of blob store %s: %s", self.blobs.url, error)
         except RETRYABLE_BLOB_ERRORS as error:
             logger.warning("Could not clean up the blob store at startup; 'lasagne-engine gc' does it later: %s", error)
+
+    def _add_source_key_column(self) -> None:
+        # Databases created before sources had unique keys lack the column. Their rows keep NULL
+        # in it and go on using the key derived from the version number.
+        columns = {row["name"] for row in self._connection.execute("PRAGMA table_info(model_versions)")}
+        if "source_key" not in columns:
+            self._connection.execute("ALTER TABLE model_versions ADD COLUMN source_key TEXT")
+            logger.info("Added the column source_key to model_versions in %s", self.root / DATABASE_NAME)
 
     def close(self) -> None:
         """Close the metadata database. The store must not be used afterwards."""
@@ -281,46 +296,61 @@ class RegistryStore:
     def _insert_model_version(
         self, name: str, source: str, digest: str, description: str, hyperparameters: dict, signature: dict
     ) -> ModelVersion:
-        written_key = None
+        # The source goes to the blob store before the transaction, so that the registry's lock,
+        # which readers take too, is never held during a blob transfer. Its key is unique, so a
+        # version number that a failed registration hands out again never meets a stale blob.
+        source_key = new_model_source_key(name)
+        with self._lock:
+            self._registering_sources.add(source_key)
         try:
-            with self._transaction() as connection:
-                # Another registration of this name may have finished while the check ran.
-                row = connection.execute(
-                    "SELECT * FROM model_versions WHERE name = ? ORDER BY version DESC LIMIT 1", (name,)
-                ).fetchone()
-                if row is not None and row["source_sha256"] == digest:
-                    return _model_version(row)
-
-                counter = connection.execute(
-                    "SELECT last_version FROM model_version_counters WHERE name = ?", (name,)
-                ).fetchone()
-                version = max(0 if row is None else row["version"], 0 if counter is None else counter[0]) + 1
-                connection.execute(
-                    "INSERT INTO model_version_counters VALUES (?, ?) "
-                    "ON CONFLICT (name) DO UPDATE SET last_version = excluded.last_version",
-                    (name, version),
-                )
-                created_at = time.time()
-                written_key = model_source_key(name, version)
-                self.blobs.put_bytes(written_key, source.encode("utf-8"))
-                connection.execute(
-                    "INSERT INTO model_versions VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        name,
-                        version,
-                        digest,
-                        description,
-                        json.dumps(hyperparameters),
-                        json.dumps(signature),
-                        created_at,
-                    ),
-                )
-        except BaseException:
-            # The version number stays free, so its blob key will be written again. Removing the
-            # source now keeps every blob paired with its row.
-            if written_key is not None:
-                self.blobs.delete(written_key)
+            self.blobs.put_bytes(source_key, source.encode("utf-8"))
+            stored = self._insert_model_row(name, source_key, digest, description, hyperparameters, signature)
+        except BaseException as error:
+            self._delete_unused_source(source_key, reason=f"the registration failed: {error!r}")
             raise
+        finally:
+            with self._lock:
+                self._registering_sources.discard(source_key)
+
+        if not stored.created:
+            self._delete_unused_source(source_key, reason=f"version {stored.version} already has this source")
+        return stored
+
+    def _insert_model_row(
+        self, name: str, source_key: str, digest: str, description: str, hyperparameters: dict, signature: dict
+    ) -> ModelVersion:
+        with self._transaction() as connection:
+            # Another registration of this name may have finished while the check ran.
+            row = connection.execute(
+                "SELECT * FROM model_versions WHERE name = ? ORDER BY version DESC LIMIT 1", (name,)
+            ).fetchone()
+            if row is not None and row["source_sha256"] == digest:
+                return _model_version(row)
+
+            counter = connection.execute(
+                "SELECT last_version FROM model_version_counters WHERE name = ?", (name,)
+            ).fetchone()
+            version = max(0 if row is None else row["version"], 0 if counter is None else counter[0]) + 1
+            connection.execute(
+                "INSERT INTO model_version_counters VALUES (?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET last_version = excluded.last_version",
+                (name, version),
+            )
+            created_at = time.time()
+            connection.execute(
+                "INSERT INTO model_versions (name, version, source_sha256, description, default_hyperparameters, "
+                "signature, created_at, source_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    name,
+                    version,
+                    digest,
+                    description,
+                    json.dumps(hyperparameters),
+                    json.dumps(signature),
+                    created_at,
+                    source_key,
+                ),
+            )
 
         return ModelVersion(
             name=name,
@@ -331,7 +361,18 @@ class RegistryStore:
             signature=signature,
             created_at=created_at,
             created=True,
+            source_key=source_key,
         )
+
+    def _delete_unused_source(self, source_key: str, *, reason: str) -> None:
+        # A failure here is logged, never raised, so that it cannot hide the registration's own
+        # error. The blob is then an orphan, which a later garbage collection deletes.
+        try:
+            self.blobs.delete(source_key)
+        except Exception as error:  # noqa: BLE001 - logged, so that the caller's error stays the one raised
+            logger.error("Failed to delete unused model source %s (%s); gc deletes it later: %s", source_key, reason, error)
+            return
+        logger.info("Deleted unused model source %s because %s", source_key, reason)
 
     def _latest_version(self, name: str) -> ModelVersion | None:
         with self._reading() as connection:
@@ -388,7 +429,7 @@ class RegistryStore:
         """
         model = self._resolve_model(ref)
 
-        key = model_source_key(model.name, model.version)
+        key = model.source_key
         try:
             source_bytes = self.blobs.get_bytes(key)
         except KeyError as error:
@@ -829,7 +870,13 @@ class RegistryStore:
                 set_ids,
             )
         ]
-        keys += [model_source_key(name, version) for version in versions]
+        keys += [
+            _source_key(row)
+            for row in connection.execute(
+                f"SELECT name, version, source_key FROM model_versions WHERE name = ? AND version IN ({marks})",
+                (name, *versions),
+            )
+        ]
         # Keep the highest number ever handed out, so that it is not handed out again.
         connection.execute(
             "INSERT INTO model_version_counters (name, last_version) "
@@ -943,10 +990,11 @@ class RegistryStore:
         source_keys = [key for key in self.blobs.list(MODELS_PREFIX) if not is_owner_marker(key, MODELS_PREFIX)]
         with self._lock:
             referenced_sets = set(self._uploading)
+            referenced_sources = set(self._registering_sources)
         with self._reading() as connection:
             referenced_sets |= {set_id for (set_id,) in connection.execute("SELECT id FROM parameter_sets")}
-            stored_versions = {
-                (name, version) for name, version in connection.execute("SELECT name, version FROM model_versions")
+            referenced_sources |= {
+                _source_key(row) for row in connection.execute("SELECT name, version, source_key FROM model_versions")
             }
             if dry_run:
                 (report.pending_deletions_remaining,) = connection.execute(
@@ -955,10 +1003,9 @@ class RegistryStore:
 
         orphans = [key for key in set_keys if key.split("/")[1] not in referenced_sets]
         for key in source_keys:
-            parsed = parse_model_source_key(key)
-            if parsed is None:
+            if not is_model_source_key(key):
                 logger.warning("Leaving blob %s alone: it is not a model source key of this registry", key)
-            elif parsed not in stored_versions:
+            elif key not in referenced_sources:
                 orphans.append(key)
         report.orphan_blobs = len(orphans)
 
@@ -1119,6 +1166,11 @@ def _verify_stored_array(set_id: str, array: ArrayRecord, key: str, size: int, d
         )
 
 
+def _source_key(row: sqlite3.Row) -> str:
+    """Return the source key of a model_versions row, derived from its version in rows that have none."""
+    return row["source_key"] or model_source_key(row["name"], row["version"])
+
+
 def _model_version(row: sqlite3.Row) -> ModelVersion:
     return ModelVersion(
         name=row["name"],
@@ -1128,6 +1180,7 @@ def _model_version(row: sqlite3.Row) -> ModelVersion:
         default_hyperparameters=json.loads(row["default_hyperparameters"]),
         signature=json.loads(row["signature"]),
         created_at=row["created_at"],
+        source_key=_source_key(row),
     )
 
 

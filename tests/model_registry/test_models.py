@@ -1,4 +1,5 @@
 import hashlib
+import re
 import threading
 
 import grpc
@@ -44,7 +45,8 @@ class TestRegisterModel:
         assert model.source_sha256 == hashlib.sha256(model_source.encode()).hexdigest()
         assert model.default_hyperparameters["hidden_units"] == 32
         assert model.created_at.seconds > 0
-        assert stored_sources(registry.root) == [f"{MODEL_NAME}/1.py"]
+        assert len(stored_sources(registry.root)) == 1
+        assert re.fullmatch(rf"{MODEL_NAME}/source-[0-9a-f]{{32}}\.py", stored_sources(registry.root)[0])
 
     def test_signature(self, registry, model_source):
         signature = register(registry.stub, model_source, hidden_units=32).signature
@@ -66,7 +68,7 @@ class TestRegisterModel:
         assert not again.created
         assert again.source_sha256 == first.source_sha256
         assert [model.version for model in list_models(registry.stub, MODEL_NAME)] == [1]
-        assert stored_sources(registry.root) == [f"{MODEL_NAME}/1.py"]
+        assert len(stored_sources(registry.root)) == 1
 
     def test_changed_source_adds_version(self, registry, model_source):
         changed_source = model_source + "\n# Same network, new comment.\n"
@@ -198,12 +200,13 @@ class TestListAndGetModels:
 
     def test_corrupted_source(self, registry, model_source):
         register(registry.stub, model_source)
-        (registry.root / "blobs" / "models" / "digits" / "1.py").write_text(model_source + "# tampered\n")
+        (source_file,) = stored_sources(registry.root)
+        (registry.root / "blobs" / "models" / source_file).write_text(model_source + "# tampered\n")
 
         with pytest.raises(grpc.RpcError) as caught:
             get_model(registry.stub, "digits@1")
 
         assert caught.value.code() == grpc.StatusCode.DATA_LOSS
-        assert "models/digits/1.py" in caught.value.details()
+        assert f"models/{source_file}" in caught.value.details()
         assert hashlib.sha256(model_source.encode()).hexdigest() in caught.value.details()
         assert_serving(registry.stub)

@@ -5,6 +5,9 @@ imports PyTensor, with a function that returns a fixed signature: fifty real che
 minutes and test nothing about version numbers.
 """
 
+import contextlib
+import re
+import sqlite3
 import threading
 
 import numpy as np
@@ -78,7 +81,7 @@ def test_versions_not_reused_after_delete(registry_store):
     assert registry_store.register_model("m", source(11)).version == 5
 
     assert registry_store.get_model("m@5").source == source(11)
-    assert blob_keys(registry_store.blobs, "models/") == ["models/m/5.py"]
+    assert blob_keys(registry_store.blobs, "models/") == [registry_store.get_model("m@5").source_key]
 
 
 def test_delete_unknown_model(registry_store):
@@ -103,3 +106,64 @@ def test_force_delete_removes_set_blobs(registry_store):
     assert deleted.parameter_set_ids == (saved.id,)
     assert blob_keys(registry_store.blobs, "") == []
     assert registry_store.collect_garbage().pending_deletions_remaining == 0
+
+
+def test_source_key_is_unique(registry_store):
+    first = registry_store.register_model("m", source(0))
+    registry_store.delete_model("m")
+    second = registry_store.register_model("m", source(1))
+
+    assert re.fullmatch(r"models/m/source-[0-9a-f]{32}\.py", first.source_key)
+    assert second.source_key != first.source_key
+    assert blob_keys(registry_store.blobs, "models/") == [second.source_key]
+    assert registry_store.get_model("m@2").source == source(1)
+
+
+def test_legacy_source_rows_load(make_blob_store, tmp_path):
+    blobs = make_blob_store()
+    store = RegistryStore(tmp_path / "registry", check_definition=accept_definition, blob_store=blobs)
+    registered = store.register_model("m", source(0))
+    store.close()
+    # Turn the database and the blob store into those of a registry from before unique source
+    # keys: no source_key column, and the source at models/<name>/<version>.py.
+    blobs.put_bytes("models/m/1.py", blobs.get_bytes(registered.source_key))
+    blobs.delete(registered.source_key)
+    with contextlib.closing(sqlite3.connect(tmp_path / "registry" / "registry.sqlite3")) as connection:
+        connection.execute("ALTER TABLE model_versions DROP COLUMN source_key")
+        connection.commit()
+
+    upgraded = RegistryStore(tmp_path / "registry", check_definition=accept_definition, blob_store=blobs)
+    loaded = upgraded.get_model("m@1")
+    newer = upgraded.register_model("m", source(1))
+    report = upgraded.collect_garbage()
+
+    assert loaded.source == source(0)
+    assert loaded.source_key == "models/m/1.py"
+    assert report.orphan_blobs == 0
+    assert blob_keys(blobs, "models/") == sorted(["models/m/1.py", newer.source_key])
+    upgraded.delete_model("m@1")
+    assert blob_keys(blobs, "models/") == [newer.source_key]
+    upgraded.close()
+
+
+def test_failed_registration_leaves_no_blob(registry_store):
+    # A trigger makes the insert of the version row fail inside the registration's transaction.
+    database = registry_store.root / "registry.sqlite3"
+    with contextlib.closing(sqlite3.connect(database)) as connection:
+        connection.execute(
+            "CREATE TRIGGER reject_versions BEFORE INSERT ON model_versions "
+            "BEGIN SELECT RAISE(ABORT, 'rejected by the test'); END"
+        )
+        connection.commit()
+
+    with pytest.raises(sqlite3.IntegrityError, match="rejected by the test"):
+        registry_store.register_model("m", source(0))
+    assert blob_keys(registry_store.blobs, "models/") == []
+
+    with contextlib.closing(sqlite3.connect(database)) as connection:
+        connection.execute("DROP TRIGGER reject_versions")
+        connection.commit()
+    registered = registry_store.register_model("m", source(0))
+
+    assert registered.version == 1
+    assert blob_keys(registry_store.blobs, "models/") == [registered.source_key]

@@ -327,15 +327,17 @@ class TestRegistry:
     def test_gc_removes_orphans(self, registry_engine):
         engine, store = registry_engine
         saved = engine.save_parameter_set("digits", {"w": np.ones(3)})
+        source_keys = blob_keys(store, "models/")
         store.put_bytes("parameter-sets/ps-0123456789ab/w", b"left by a crash")
-        store.put_bytes("models/digits/7.py", b"left by a crash")
+        store.put_bytes(f"models/digits/source-{uuid.uuid4().hex}.py", b"left by a crash")
 
         counted = engine.collect_garbage(dry_run=True, services=["registry"])["registry"]
         report = engine.collect_garbage(services=["registry"])["registry"]
 
         assert counted.orphan_blobs == 2
         assert report.orphan_blobs == 2
-        assert blob_keys(store, "") == ["models/digits/1.py", f"parameter-sets/{saved.id}/w"]
+        assert len(source_keys) == 1
+        assert blob_keys(store, "") == [*source_keys, f"parameter-sets/{saved.id}/w"]
 
 
 def _data_gc(engine: Engine, *, dry_run: bool = False) -> storage_pb2.CollectGarbageResponse:
