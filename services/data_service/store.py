@@ -515,8 +515,9 @@ class DatasetStore:
         """Look up one array and return it with an iterator over its bytes from ``start_offset``.
 
         The iterator reads the blob sequentially in chunks of ``chunk_bytes``, holding one chunk
-        at a time. When ``start_offset`` is 0 it also computes the sha256 and checks it after the
-        last chunk. A resumed read cannot check the digest, because it never reads the bytes before ``start_offset``.
+        at a time. It computes the sha256 of the whole blob and checks it after the last chunk. A
+        resumed read, with ``start_offset`` above 0, first reads and hashes the bytes before
+        ``start_offset`` without yielding them, so a corrupt blob is reported on every read.
 
         Raises
         ------
@@ -526,8 +527,8 @@ class DatasetStore:
         NotFound
             If the dataset, version or array does not exist.
         IntegrityError
-            From the iterator, if the blob is missing, has another size, or, when read from
-            offset 0, has another sha256 than recorded.
+            From the iterator, if the blob is missing, has another size or has another sha256
+            than recorded.
         """
         parsed = parse_ref(ref, kind="dataset")
         validate_name(array_name, kind="array")
@@ -615,18 +616,33 @@ class DatasetStore:
         self, record: DatasetRecord, array: ArrayRecord, start_offset: int, chunk_bytes: int
     ) -> Iterator[bytes]:
         key = record.blob_key(array.name)
+        # The size is checked before any read, so that a blob shorter than recorded is reported as
+        # corrupt (DATA_LOSS) whatever the offset, never as a failed read at an offset past its end.
         try:
             size = self.blob_store.size(key)
-            stream = self.blob_store.open(key, start_offset)
+        except KeyError as error:
+            raise self._missing_blob(record, array, key) from error
+        if size != array.nbytes:
+            raise self._corrupt(record, array, f"its blob {key} has {size} bytes, but {array.nbytes} were recorded")
+        try:
+            stream = self.blob_store.open(key)
         except KeyError as error:
             raise self._missing_blob(record, array, key) from error
 
+        digest = hashlib.sha256()
         with stream:
-            if size != array.nbytes:
-                raise self._corrupt(
-                    record, array, f"its blob {key} has {size} bytes, but {array.nbytes} were recorded"
-                )
-            digest = hashlib.sha256() if start_offset == 0 else None
+            # A resumed read hashes the bytes before start_offset without sending them, so that the
+            # digest check below covers the whole blob.
+            skipped = 0
+            while skipped < start_offset:
+                prefix = stream.read(min(chunk_bytes, start_offset - skipped))
+                if not prefix:
+                    raise self._corrupt(
+                        record, array, f"its blob {key} ended at byte {skipped}, before its recorded size"
+                    )
+                digest.update(prefix)
+                skipped += len(prefix)
+
             remaining = array.nbytes - start_offset
             while remaining > 0:
                 # read() returns bytes, the type a protobuf bytes field takes, so each chunk goes from
@@ -636,12 +652,11 @@ class DatasetStore:
                     raise self._corrupt(
                         record, array, f"its blob {key} ended {remaining} bytes before its recorded size"
                     )
-                if digest is not None:
-                    digest.update(chunk)
+                digest.update(chunk)
                 remaining -= len(chunk)
                 yield chunk
 
-        if digest is not None and digest.hexdigest() != array.sha256:
+        if digest.hexdigest() != array.sha256:
             raise self._corrupt(
                 record, array, f"its bytes have sha256 {digest.hexdigest()}, but sha256 {array.sha256} was recorded"
             )

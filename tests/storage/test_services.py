@@ -189,6 +189,40 @@ class TestDataService:
         assert datasets.describe("d").version == 1
         assert len(blob_keys(store, "datasets/")) == 2
 
+    @pytest.mark.parametrize("start_offset", [0, 100, 399])
+    def test_resumed_download_of_truncated_blob(self, make_blob_store, tmp_path, start_offset):
+        store = make_blob_store()
+        with data_service(tmp_path / "data", store) as engine:
+            engine.upload_dataset("d", {"x": np.arange(50, dtype=np.float64)})
+            (key,) = blob_keys(store, "datasets/")
+            store.put_bytes(key, store.get_bytes(key)[:40])
+
+            with pytest.raises(grpc.RpcError) as raised:
+                list(_download(engine, "d", "x", start_offset=start_offset))
+
+        assert raised.value.code() == grpc.StatusCode.DATA_LOSS
+        assert f"its blob {key} has 40 bytes, but 400 were recorded" in raised.value.details()
+
+    @pytest.mark.parametrize("start_offset", [8, 200, 400])
+    def test_resumed_download_checks_digest(self, make_blob_store, tmp_path, start_offset):
+        store = make_blob_store()
+        with data_service(tmp_path / "data", store) as engine:
+            engine.upload_dataset("d", {"x": np.arange(50, dtype=np.float64)})
+            (key,) = blob_keys(store, "datasets/")
+            # Same size, one changed byte before every start_offset, so only the skipped bytes differ.
+            corrupt = bytearray(store.get_bytes(key))
+            corrupt[0] ^= 0xFF
+            store.put_bytes(key, bytes(corrupt))
+
+            received = []
+            with pytest.raises(grpc.RpcError) as raised:
+                for frame in _download(engine, "d", "x", start_offset=start_offset):
+                    received.append(frame)
+
+        assert raised.value.code() == grpc.StatusCode.DATA_LOSS
+        assert "its bytes have sha256" in raised.value.details()
+        assert b"".join(frame.chunk for frame in received[1:]) == bytes(corrupt[start_offset:])
+
     def test_fifty_concurrent_uploads(self, make_blob_store, tmp_path):
         store = make_blob_store()
         versions: list[int] = []
@@ -338,6 +372,16 @@ class TestRegistry:
         assert report.orphan_blobs == 2
         assert len(source_keys) == 1
         assert blob_keys(store, "") == [*source_keys, f"parameter-sets/{saved.id}/w"]
+
+
+def _download(engine: Engine, ref: str, array: str, *, start_offset: int):
+    """Stream DownloadArray frames straight from the stub, without the SDK's retries and digest check."""
+    channel = grpc.insecure_channel(engine.addresses.data)
+    try:
+        request = data_service_pb2.DownloadArrayRequest(ref=ref, array=array, start_offset=start_offset)
+        yield from data_service_pb2_grpc.DataServiceStub(channel).DownloadArray(request, timeout=30)
+    finally:
+        channel.close()
 
 
 def _data_gc(engine: Engine, *, dry_run: bool = False) -> storage_pb2.CollectGarbageResponse:
