@@ -65,6 +65,8 @@ _FULL_CODES = frozenset(
     {"EntityTooLarge", "QuotaExceeded", "XMinioAdminBucketQuotaExceeded", "XMinioStorageFull"}
 )
 _INSUFFICIENT_STORAGE_STATUS = 507
+# S3 error codes that mean the object does not exist, which the store raises as KeyError.
+_MISSING_CODES = frozenset({"NoSuchKey", "NoSuchObject", "NotFound"})
 
 RETRIES = prometheus_client.Counter(
     "lasagne_engine_blob_store_retries",
@@ -281,7 +283,7 @@ class S3BlobStore(BlobStore):
             try:
                 info = self.client.stat_object(self.location.bucket, name)
             except S3Error as error:
-                if error.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
+                if error.code in _MISSING_CODES:
                     raise _Missing(key) from error
                 raise
             return int(info.size or 0), info.etag or ""
@@ -465,9 +467,15 @@ class _S3Reader(io.RawIOBase):
             return 0
         with memoryview(buffer) as view:
             wanted = min(len(view), self._size - self._position)
-            count = self._store._retrying(
-                f"read {self._key!r} at byte {self._position}", lambda: self._read_some(view[:wanted])
-            )
+            try:
+                count = self._store._retrying(
+                    f"read {self._key!r} at byte {self._position}", lambda: self._read_some(view[:wanted])
+                )
+            except _Missing as error:
+                # Deleted after open(), as when a delete races a download: the same error as a
+                # missing object at open(), so callers tell it apart from an unreachable store.
+                logger.warning("Blob %s of %s was deleted while it was being read", self._key, self._store.location.url)
+                raise KeyError(self._key) from error
         self._position += count
         return count
 
@@ -478,12 +486,17 @@ class _S3Reader(io.RawIOBase):
     def _read_some(self, view: memoryview) -> int:
         if self._response is None:
             # If-Match fails the request, instead of mixing bytes, should the object change.
-            self._response = self._store.client.get_object(
-                self._store.location.bucket,
-                self._store._object_name(self._key),
-                offset=self._position,
-                request_headers={"If-Match": self._etag} if self._etag else None,
-            )
+            try:
+                self._response = self._store.client.get_object(
+                    self._store.location.bucket,
+                    self._store._object_name(self._key),
+                    offset=self._position,
+                    request_headers={"If-Match": self._etag} if self._etag else None,
+                )
+            except S3Error as error:
+                if error.code in _MISSING_CODES:
+                    raise _Missing(self._key) from error
+                raise
         try:
             count = self._response.readinto(view)
             if count == 0:

@@ -629,13 +629,20 @@ class DatasetStore:
         except KeyError as error:
             raise self._missing_blob(record, array, key) from error
 
+        def read(size: int) -> bytes:
+            # An S3 blob deleted after the open raises KeyError at a read, as a missing one does at the open.
+            try:
+                return stream.read(size)
+            except KeyError as error:
+                raise self._missing_blob(record, array, key) from error
+
         digest = hashlib.sha256()
         with stream:
             # A resumed read hashes the bytes before start_offset without sending them, so that the
             # digest check below covers the whole blob.
             skipped = 0
             while skipped < start_offset:
-                prefix = stream.read(min(chunk_bytes, start_offset - skipped))
+                prefix = read(min(chunk_bytes, start_offset - skipped))
                 if not prefix:
                     raise self._corrupt(
                         record, array, f"its blob {key} ended at byte {skipped}, before its recorded size"
@@ -647,7 +654,7 @@ class DatasetStore:
             while remaining > 0:
                 # read() returns bytes, the type a protobuf bytes field takes, so each chunk goes from
                 # the file into its message without another copy here.
-                chunk = stream.read(min(chunk_bytes, remaining))
+                chunk = read(min(chunk_bytes, remaining))
                 if not chunk:
                     raise self._corrupt(
                         record, array, f"its blob {key} ended {remaining} bytes before its recorded size"

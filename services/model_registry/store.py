@@ -706,19 +706,22 @@ class RegistryStore:
         try:
             stream = self.blobs.open(key)
         except KeyError as error:
-            self.get_parameter_set(set_id)
-            raise IntegrityError(
-                f"Array {array.name!r} of parameter set {set_id!r} is missing from the blob store at {key!r}; "
-                f"restore it from a backup or delete the parameter set."
-            ) from error
+            raise self._missing_array_blob(set_id, array, key) from error
+
+        def read() -> bytes:
+            # An S3 blob deleted after the open raises KeyError at a read, as a missing one does at the open.
+            try:
+                return stream.read(chunk_bytes)
+            except KeyError as error:
+                raise self._missing_array_blob(set_id, array, key) from error
 
         with stream:
             digest = hashlib.sha256()
             size = 0
-            pending = stream.read(chunk_bytes)
+            pending = read()
             while True:
                 chunk = pending
-                pending = stream.read(chunk_bytes) if chunk else b""
+                pending = read() if chunk else b""
                 digest.update(chunk)
                 size += len(chunk)
                 if not pending:
@@ -727,6 +730,14 @@ class RegistryStore:
                         yield chunk
                     return
                 yield chunk
+
+    def _missing_array_blob(self, set_id: str, array: ArrayRecord, key: str) -> IntegrityError:
+        # Raises NotFound instead when the set was deleted meanwhile, which removes its blobs.
+        self.get_parameter_set(set_id)
+        return IntegrityError(
+            f"Array {array.name!r} of parameter set {set_id!r} is missing from the blob store at {key!r}; "
+            f"restore it from a backup or delete the parameter set."
+        )
 
     def delete_parameter_set(self, set_id: str, *, allow_missing: bool = False) -> bool:
         """Delete a parameter set's metadata and then its blobs.

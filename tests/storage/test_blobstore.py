@@ -203,3 +203,15 @@ def test_local_commit_syncs_folders(tmp_path, monkeypatch):
     assert str(root / "datasets") in synced
     assert str(root) not in synced
     assert synced.index(blob_folder) > 0
+
+
+def test_s3_read_of_deleted_object(s3_server):
+    store = s3_server.store(backoff_s=0.01)
+    store.put_bytes("d/1/x", payload(1000))
+
+    # The reader sends its GET on the first read, so a delete after open() makes that GET fail.
+    with store.open("d/1/x") as stream:
+        store.delete("d/1/x")
+        with pytest.raises(KeyError, match="d/1/x"):
+            stream.read()
+    store.close()
