@@ -82,7 +82,12 @@ class ModelRegistryServicer(model_registry_pb2_grpc.ModelRegistryServicer):
 
     @grpc_errors
     def SaveParameterSet(self, request_iterator, context):
-        first = next(request_iterator, None)
+        try:
+            first = next(request_iterator, None)
+        except grpc.RpcError:
+            # grpcio 1.85's request iterator raises a bare RpcError once the client cancels or disconnects.
+            logger.info("SaveParameterSet was cancelled by %s before its first frame", context.peer())
+            context.abort(grpc.StatusCode.CANCELLED, "SaveParameterSet was cancelled before its first frame.")
         if first is None or _frame_kind(first) != "info":
             received = "an empty stream" if first is None else f"a {_frame_kind(first)!r} frame"
             raise InvalidArgument(

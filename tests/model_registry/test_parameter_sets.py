@@ -1,5 +1,8 @@
 import hashlib
+import logging
 import math
+import threading
+import time
 
 import grpc
 import numpy as np
@@ -338,6 +341,27 @@ class TestSaveRejects:
         # The server cleans up on its own thread, after the client has returned.
         wait_until(lambda: not stored_blobs(registry.root) and not partial_blobs(registry.root))
         assert_nothing_stored(registry)
+
+    def test_client_cancels_before_first_frame(self, registry, caplog):
+        started = threading.Event()
+
+        def no_frames():
+            started.set()
+            threading.Event().wait(30)
+            yield from ()
+
+        with caplog.at_level(logging.INFO, logger="lasagne_engine"):
+            call = registry.stub.SaveParameterSet.future(no_frames(), timeout=60)
+            assert started.wait(10)
+            # Long enough for the server to be blocked reading the first frame.
+            time.sleep(0.5)
+            call.cancel()
+            wait_until(lambda: "before its first frame" in caplog.text)
+
+        assert call.cancelled()
+        assert [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR] == []
+        assert "INTERNAL" not in caplog.text
+        assert_serving(registry.stub)
 
     def test_client_stops_between_arrays(self, registry, arrays):
         def frames_then_failure():
