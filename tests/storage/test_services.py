@@ -9,6 +9,7 @@ import grpc
 import numpy as np
 import pytest
 
+from lasagne_engine.blobstore import LocalBlobStore
 from lasagne_engine.blobstore.ownership import OWNER_MARKER_NAME
 from lasagne_engine.client import Engine, FailedPreconditionError, NotFoundError, UnavailableError
 from lasagne_engine.config import StreamLimits
@@ -19,9 +20,11 @@ from lasagne_engine.v1 import data_service_pb2, data_service_pb2_grpc, storage_p
 from .conftest import FAST_BACKOFF_S
 from .faulty_proxy import Fail, FaultyProxy
 
-# Larger than one S3 part of 5 MiB, so that the S3 backend stores it in a multipart upload.
-LARGE_SHAPE = (768, 1024)
+# The tests' S3 part size, S3's minimum.
 PART_BYTES = 5 << 20
+# 3072 x 1024 float32 is 12 MiB, so the S3 backend stores it in a multipart upload of three parts,
+# and half of it, which the disconnect test sends, already fills more than one part.
+LARGE_SHAPE = (3072, 1024)
 
 
 @contextlib.contextmanager
@@ -62,6 +65,14 @@ def seed_registry(template, root, blob_store) -> None:
 def blob_keys(store, prefix: str) -> list[str]:
     """Return the keys under ``prefix`` in sorted order, without the services' owner markers."""
     return [key for key in store.list(prefix) if not key.endswith(OWNER_MARKER_NAME)]
+
+
+def incomplete_writes(store) -> list[str]:
+    """Return the writes that have not committed: partial files of the local backend, open multipart uploads on S3."""
+    if isinstance(store, LocalBlobStore):
+        return sorted(path.name for path in (store.root / ".incoming").glob("*"))
+    page = store.client._list_multipart_uploads(store.location.bucket, prefix=store.location.prefix)
+    return sorted(upload.object_name for upload in page.uploads)
 
 
 def dataset_arrays(seed: int = 0) -> dict[str, np.ndarray]:
@@ -119,18 +130,25 @@ class TestDataService:
             channel = grpc.insecure_channel(engine.addresses.data)
             future = data_service_pb2_grpc.DataServiceStub(channel).UploadDataset.future(frames(), timeout=60)
             assert sent_half.wait(30)
+            # On S3 the first part has gone out, so a multipart upload is open. Locally a partial file exists.
+            for _ in range(200):
+                if incomplete_writes(store):
+                    break
+                threading.Event().wait(0.05)
+            assert len(incomplete_writes(store)) == 1
             future.cancel()
             channel.close()
 
             # The server aborts the upload once it notices the cancellation.
             for _ in range(200):
-                if not blob_keys(store, "datasets/"):
+                if not blob_keys(store, "datasets/") and not incomplete_writes(store):
                     break
                 threading.Event().wait(0.05)
             with pytest.raises(NotFoundError):
                 engine.list_datasets("cut")
 
         assert blob_keys(store, "datasets/") == []
+        assert incomplete_writes(store) == []
         assert store.abort_incomplete_writes("datasets/", keep=lambda key: False) == 0
 
     def test_delete_removes_blobs(self, make_blob_store, tmp_path):
@@ -209,7 +227,7 @@ class TestDataService:
         with data_service(tmp_path / "data", store) as engine:
             engine.upload_dataset("d", {"x": np.arange(50, dtype=np.float64)})
             (key,) = blob_keys(store, "datasets/")
-            # Same size, one changed byte before every start_offset, so only the skipped bytes differ.
+            # Same size with byte 0 changed. It lies before every start_offset tested, so only skipped bytes differ.
             corrupt = bytearray(store.get_bytes(key))
             corrupt[0] ^= 0xFF
             store.put_bytes(key, bytes(corrupt))
@@ -372,6 +390,72 @@ class TestRegistry:
         assert report.orphan_blobs == 2
         assert len(source_keys) == 1
         assert blob_keys(store, "") == [*source_keys, f"parameter-sets/{saved.id}/w"]
+
+
+class TestGcCommand:
+    @pytest.fixture
+    def cli_environment(self, monkeypatch, tmp_path):
+        """Point the CLI at services that a test sets up, with its own home and no config file."""
+        monkeypatch.setenv("LASAGNE_ENGINE_HOME", str(tmp_path / "client-home"))
+        monkeypatch.delenv("LASAGNE_ENGINE_CONFIG", raising=False)
+
+        def use(engine: Engine, *, registry_engine: Engine) -> None:
+            monkeypatch.setenv("LASAGNE_ENGINE_DATA_ADDRESS", engine.addresses.data)
+            monkeypatch.setenv("LASAGNE_ENGINE_REGISTRY_ADDRESS", registry_engine.addresses.registry)
+
+        return use
+
+    def test_gc_removes_orphans_keeps_listed(self, make_blob_store, compile_cache, tmp_path, cli_environment, capsys):
+        from lasagne_engine.client import cli
+
+        store = make_blob_store()
+        with data_service(tmp_path / "data", store) as data, registry(tmp_path / "registry", store, compile_cache) as models:
+            data.upload_dataset("kept", {"x": np.arange(6)})
+            listed = blob_keys(store, "datasets/")
+            orphan_dataset = f"datasets/kept/{uuid.uuid4().hex}/x"
+            orphan_set = "parameter-sets/ps-0123456789ab/w"
+            store.put_bytes(orphan_dataset, b"left by a crash")
+            store.put_bytes(orphan_set, b"left by a crash")
+            cli_environment(data, registry_engine=models)
+
+            status = cli.main(["gc"])
+            output = capsys.readouterr().out
+
+            np.testing.assert_array_equal(data.load_dataset("kept")["x"], np.arange(6))
+
+        assert status == 0
+        assert "orphan blobs removed" in output
+        assert blob_keys(store, "datasets/") == listed
+        assert blob_keys(store, "parameter-sets/") == []
+
+    def test_gc_fails_on_foreign_owner(self, make_blob_store, compile_cache, tmp_path, cli_environment, capsys):
+        from lasagne_engine.client import cli
+
+        store = make_blob_store()
+        with data_service(tmp_path / "first", store) as first:
+            first.upload_dataset("kept", {"x": np.arange(6)})
+            with data_service(tmp_path / "second", store) as second, registry(
+                tmp_path / "registry", store, compile_cache
+            ) as models:
+                cli_environment(second, registry_engine=models)
+
+                status = cli.main(["gc"])
+                errors = capsys.readouterr().err
+
+            np.testing.assert_array_equal(first.load_dataset("kept")["x"], np.arange(6))
+
+        first_id = _store_id(tmp_path / "first" / "datasets.sqlite3")
+        second_id = _store_id(tmp_path / "second" / "datasets.sqlite3")
+        assert status == 2
+        assert first_id in errors
+        assert second_id in errors
+        assert len(blob_keys(store, "datasets/")) == 1
+
+
+def _store_id(database) -> str:
+    with contextlib.closing(sqlite3.connect(database)) as connection:
+        (store_id,) = connection.execute("SELECT value FROM store_info WHERE key = 'store_id'").fetchone()
+    return store_id
 
 
 def _download(engine: Engine, ref: str, array: str, *, start_offset: int):
