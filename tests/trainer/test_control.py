@@ -211,6 +211,33 @@ def test_resume_matches_straight_run(two_devices):
         np.testing.assert_allclose(actual[name], expected[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+def test_resume_after_stop_matches_straight_run(two_devices):
+    engine = two_devices.engine
+    options = {"epochs": 60, "batch_size": 32, "learning_rate": 3e-3, "seed": 11, "statistics_every_steps": -1}
+    straight = engine.wait_session(engine.start_session("mlp", "digits", **options).id, timeout_s=300)
+    interrupted = engine.start_session("mlp", "digits", **options)
+    wait_for_state(engine, interrupted.id, {trainer_pb2.RUNNING})
+    deadline = time.monotonic() + 120
+    while engine.get_session(interrupted.id).step < 3 * straight.steps_per_epoch and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+    engine.stop_session(interrupted.id)
+    stopped = engine.wait_session(interrupted.id, timeout_s=120)
+    assert stopped.state == trainer_pb2.STOPPED, "the session ended before the stop; give it more epochs"
+    final_set = engine.get_parameter_set(stopped.last_parameter_set_id)
+    resumed = engine.wait_session(
+        engine.start_session("mlp", "digits", **options, resume_from=final_set.id).id, timeout_s=300,
+    )
+
+    assert resumed.state == trainer_pb2.COMPLETED, resumed.error
+    assert resumed.epochs[0].epoch == final_set.step // straight.steps_per_epoch + 1
+    steps = [epoch.step for epoch in [*stopped.epochs, *resumed.epochs]]
+    assert steps == [epoch.step for epoch in straight.epochs]
+    expected, actual = final_trainable(engine, straight), final_trainable(engine, resumed)
+    for name in expected:
+        np.testing.assert_allclose(actual[name], expected[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
 def test_early_stopping_and_retention(two_devices):
     engine = two_devices.engine
     session = engine.start_session(

@@ -95,6 +95,37 @@ def test_killed_process_marks_session_failed(stack, digits):
     assert stack.engine.health()["trainer"]
 
 
+# The digits perceptron, made to crash its session process with a segmentation fault when
+# built with crash=1. Registration builds it with the defaults, which do not crash.
+CRASHING_MODEL = MODEL_SOURCE.read_text() + """
+
+_build_digits_perceptron = build
+
+
+def build(hyperparameters):
+    if hyperparameters.get("crash"):
+        import ctypes
+        import sys
+
+        print("crashing model: reading address 0", file=sys.stderr, flush=True)
+        ctypes.string_at(0)
+    return _build_digits_perceptron(hyperparameters)
+"""
+
+
+def test_segfault_fails_with_output_tail(stack, digits):
+    _, dataset = digits
+    stack.engine.register_model("crashing", CRASHING_MODEL)
+    session = stack.engine.start_session("crashing", dataset, epochs=1, model_hyperparameters={"crash": 1})
+
+    final = stack.engine.wait_session(session.id, timeout_s=120)
+
+    assert final.state == trainer_pb2.FAILED
+    assert "signal SIGSEGV" in final.error
+    assert "crashing model: reading address 0" in final.error
+    assert stack.engine.health()["trainer"]
+
+
 def test_shape_mismatch_names_both_shapes(stack, digits):
     model, _ = digits
     rng = np.random.default_rng(0)
