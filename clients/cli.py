@@ -425,7 +425,7 @@ def command_devices(arguments) -> int:
     _table(
         [[d.name, d.backend, f"{d.memory_budget_bytes:,}", f"{d.memory_used_bytes:,}", ",".join(d.session_ids) or "-"]
          for d in status.devices],
-        ["device", "backend", "budget bytes", "used bytes", "session"],
+        ["device", "backend", "budget bytes", "estimated use bytes", "session"],
     )
     if status.queued_session_ids:
         print(f"queued: {', '.join(status.queued_session_ids)}")

@@ -422,6 +422,12 @@ def test_cli_controls_two_sessions_at_once(two_devices, monkeypatch):
             row = session_row(listing, session_id)
             assert row[1] == "running"
             assert row[4] == device
+        devices = run_cli(["devices"])
+        for session_id, device in zip(session_ids, ("cpu:0", "cpu:1")):
+            row = [line.split() for line in devices.splitlines() if line.split()[:1] == [device]]
+            assert len(row) == 1, devices
+            assert row[0][-1] == session_id
+            assert int(row[0][3].replace(",", "")) > 0
 
         assert f"pause requested for {first}" in run_cli(["pause", first])
         paused = wait_for_state(engine, first, {trainer_pb2.PAUSED}, timeout_s=60)
