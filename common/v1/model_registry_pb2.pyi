@@ -211,14 +211,18 @@ class GetParameterSetRequest(_message.Message):
     def __init__(self, id: _Optional[str] = ...) -> None: ...
 
 class LoadParameterSetRequest(_message.Message):
-    __slots__ = ("id", "names", "chunk_bytes")
+    __slots__ = ("id", "names", "chunk_bytes", "start_array", "start_offset")
     ID_FIELD_NUMBER: _ClassVar[int]
     NAMES_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    START_ARRAY_FIELD_NUMBER: _ClassVar[int]
+    START_OFFSET_FIELD_NUMBER: _ClassVar[int]
     id: str
     names: _containers.RepeatedScalarFieldContainer[str]
     chunk_bytes: int
-    def __init__(self, id: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
+    start_array: str
+    start_offset: int
+    def __init__(self, id: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ..., chunk_bytes: _Optional[int] = ..., start_array: _Optional[str] = ..., start_offset: _Optional[int] = ...) -> None: ...
 
 class DeleteParameterSetRequest(_message.Message):
     __slots__ = ("id", "allow_missing")

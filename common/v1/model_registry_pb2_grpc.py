@@ -157,7 +157,9 @@ class ModelRegistryServicer:
         raise NotImplementedError('Method not implemented!')
 
     def LoadParameterSet(self, request, context):
-        """Streams the arrays of a parameter set: each array as a header and then its chunks.
+        """Streams the arrays of a parameter set: each array as a header and then its chunks. With
+        start_array, the stream resumes at that array and byte. The service checks each array's whole
+        sha256, including the bytes it skips, and ends with DATA_LOSS on a mismatch.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -157,12 +157,25 @@ class ModelRegistryServicer(model_registry_pb2_grpc.ModelRegistryServicer):
                 f"LoadParameterSet chunk_bytes {request.chunk_bytes} is out of range; "
                 f"use 1 to {max_chunk_bytes}, or 0 for the server's default of {self.limits.chunk_bytes}."
             )
-        arrays = self.store.select_arrays(request.id, request.names)
+        arrays = self.store.select_arrays(
+            request.id, request.names, start_array=request.start_array, start_offset=request.start_offset
+        )
+        if request.start_array:
+            logger.info(
+                "LoadParameterSet of %s resumes at byte %d of array %r for %s",
+                request.id,
+                request.start_offset,
+                request.start_array,
+                context.peer(),
+            )
 
+        # Only the first array of a resumed load starts past byte 0.
+        start_offset = request.start_offset
         for array in arrays:
             yield arrays_pb2.ArrayFrame(header=_array_header_message(array))
-            for chunk in self.store.read_array(request.id, array, chunk_bytes):
+            for chunk in self.store.read_array(request.id, array, chunk_bytes, start_offset=start_offset):
                 yield framing.encode_chunk(LOAD_CHUNK_TAG, chunk)
+            start_offset = 0
 
     @grpc_errors
     def DeleteParameterSet(self, request, context):

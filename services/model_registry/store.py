@@ -663,23 +663,38 @@ class RegistryStore:
             "ListParameterSets returns the ids that exist."
         )
 
-    def select_arrays(self, set_id: str, names: Iterable[str] = ()) -> list[ArrayRecord]:
+    def select_arrays(
+        self, set_id: str, names: Iterable[str] = (), *, start_array: str = "", start_offset: int = 0
+    ) -> list[ArrayRecord]:
         """Return the arrays of a parameter set named in ``names``, or all of them when it is empty.
 
         The arrays come in upload order unless ``names`` is given, in which case they come in its order.
+        A resumed load passes ``start_array`` and ``start_offset``: the list then starts at that
+        array, and the offset is checked against its size.
+
+        Parameters
+        ----------
+        set_id : str
+            Id of the parameter set.
+        names : iterable of str
+            Arrays to select, in this order. Default: every array, in upload order.
+        start_array : str
+            Name of the first array to return; empty returns the selection from its first array.
+        start_offset : int
+            Byte offset within ``start_array`` that the caller reads from. Default 0.
 
         Raises
         ------
         InvalidArgument
-            If the id is malformed.
+            If the id or ``start_array`` is malformed, ``start_array`` is not among ``names``,
+            ``start_offset`` is non-zero without ``start_array``, or it is outside
+            ``[0, nbytes]`` of that array.
         NotFound
-            If the parameter set does not exist or contains no array of one of the names.
+            If the parameter set does not exist or contains no array of one of the names or of
+            ``start_array``.
         """
         parameter_set = self.get_parameter_set(set_id)
         names = list(dict.fromkeys(names))
-        if not names:
-            return list(parameter_set.arrays)
-
         by_name = {array.name: array for array in parameter_set.arrays}
         missing = [name for name in names if name not in by_name]
         if missing:
@@ -687,13 +702,23 @@ class RegistryStore:
                 f"Parameter set {set_id!r} contains no array named {missing[0]!r}; "
                 f"its arrays are {sorted(by_name)}."
             )
-        return [by_name[name] for name in names]
+        selected = [by_name[name] for name in names] if names else list(parameter_set.arrays)
+        if not start_array:
+            if start_offset != 0:
+                raise InvalidArgument(
+                    f"start_offset {start_offset} was given without start_array for parameter set {set_id!r}; "
+                    "name the array the offset belongs to in start_array, or pass start_offset 0."
+                )
+            return selected
+        return _arrays_from(set_id, selected, by_name, start_array, start_offset)
 
-    def read_array(self, set_id: str, array: ArrayRecord, chunk_bytes: int) -> Iterator[bytes]:
-        """Yield an array's stored bytes in chunks of at most ``chunk_bytes``, verifying its sha256.
+    def read_array(self, set_id: str, array: ArrayRecord, chunk_bytes: int, *, start_offset: int = 0) -> Iterator[bytes]:
+        """Yield an array's bytes from ``start_offset`` in chunks of at most ``chunk_bytes``, verifying its sha256.
 
-        The blob is read sequentially. The last chunk is held back until the digest of all the
-        bytes has been checked, so a reader never receives a whole array that fails the check.
+        The blob is read sequentially. A resumed read, with ``start_offset`` above 0, first reads and
+        hashes the bytes before ``start_offset`` without yielding them, so that the check covers
+        the whole blob. The last chunk is held back until the digest of all the bytes has been
+        checked, so a reader never receives a whole array that fails the check.
 
         Raises
         ------
@@ -708,16 +733,25 @@ class RegistryStore:
         except KeyError as error:
             raise self._missing_array_blob(set_id, array, key) from error
 
-        def read() -> bytes:
+        def read(size: int = chunk_bytes) -> bytes:
             # An S3 blob deleted after the open raises KeyError at a read, as a missing one does at the open.
             try:
-                return stream.read(chunk_bytes)
+                return stream.read(size)
             except KeyError as error:
                 raise self._missing_array_blob(set_id, array, key) from error
 
         with stream:
             digest = hashlib.sha256()
             size = 0
+            while size < start_offset:
+                prefix = read(min(chunk_bytes, start_offset - size))
+                if not prefix:
+                    # The blob is shorter than the offset, which start_offset's check kept within
+                    # the recorded size, so this reports the size mismatch.
+                    _verify_stored_array(set_id, array, key, size, digest.hexdigest())
+                digest.update(prefix)
+                size += len(prefix)
+
             pending = read()
             while True:
                 chunk = pending
@@ -1162,6 +1196,31 @@ class RegistryStore:
 def _batches(values: list, size: int) -> Iterator[list]:
     for start in range(0, len(values), size):
         yield values[start : start + size]
+
+
+def _arrays_from(
+    set_id: str, selected: list[ArrayRecord], by_name: dict[str, ArrayRecord], start_array: str, start_offset: int
+) -> list[ArrayRecord]:
+    """Return ``selected`` from the array named ``start_array`` on, after checking ``start_offset`` against it."""
+    validate_name(start_array, kind="array")
+    if start_array not in by_name:
+        raise NotFound(
+            f"Parameter set {set_id!r} contains no array named {start_array!r} to start from; "
+            f"its arrays are {sorted(by_name)}. Pass the name of an array the load already sent."
+        )
+    position = next((index for index, array in enumerate(selected) if array.name == start_array), None)
+    if position is None:
+        raise InvalidArgument(
+            f"start_array {start_array!r} is not among the requested names {[array.name for array in selected]} "
+            f"of parameter set {set_id!r}; pass one of them, or the same names as the load that is resumed."
+        )
+    first = selected[position]
+    if not 0 <= start_offset <= first.nbytes:
+        raise InvalidArgument(
+            f"Invalid start_offset {start_offset} for array {start_array!r} of parameter set {set_id!r}: "
+            f"give an offset from 0 to its size, {first.nbytes} bytes."
+        )
+    return selected[position:]
 
 
 def _verify_stored_array(set_id: str, array: ArrayRecord, key: str, size: int, digest: str) -> None:

@@ -303,6 +303,104 @@ REJECTED_STREAMS = {
 }
 
 
+
+def load_frames(stub, set_id, **fields):
+    """Return the (kind, value) frames of one LoadParameterSet stream."""
+    request = model_registry_pb2.LoadParameterSetRequest(id=set_id, **fields)
+    frames = []
+    for frame in stub.LoadParameterSet(request, timeout=30):
+        kind = frame.WhichOneof("frame")
+        frames.append((kind, frame.header.name if kind == "header" else frame.chunk))
+    return frames
+
+
+class TestResumedLoad:
+    @pytest.mark.parametrize("start_offset", [0, 1, 100, 128])
+    def test_starts_at_array_and_byte(self, registry, arrays, start_offset):
+        saved = save(registry.stub, arrays)
+
+        frames = load_frames(registry.stub, saved.id, start_array="hidden_b", start_offset=start_offset, chunk_bytes=30)
+
+        headers = [value for kind, value in frames if kind == "header"]
+        assert headers == ["hidden_b", "counts", "mask", "scale", "empty"]
+        first_chunks = []
+        for kind, value in frames[1:]:
+            if kind == "header":
+                break
+            first_chunks.append(value)
+        assert b"".join(first_chunks) == arrays["hidden_b"].tobytes()[start_offset:]
+        assert all(len(chunk) <= 30 for chunk in first_chunks)
+
+    def test_start_in_selected_names(self, registry, arrays):
+        saved = save(registry.stub, arrays)
+
+        frames = load_frames(registry.stub, saved.id, names=["counts", "hidden_W", "scale"], start_array="hidden_W")
+
+        assert [value for kind, value in frames if kind == "header"] == ["hidden_W", "scale"]
+
+    @pytest.mark.parametrize(
+        "fields, code, message",
+        [
+            ({"start_array": "nope"}, grpc.StatusCode.NOT_FOUND, "no array named 'nope' to start from"),
+            ({"start_array": "bad/name"}, grpc.StatusCode.INVALID_ARGUMENT, "Invalid array name 'bad/name'"),
+            ({"start_offset": 4}, grpc.StatusCode.INVALID_ARGUMENT, "start_offset 4 was given without start_array"),
+            (
+                {"start_array": "hidden_b", "start_offset": -1},
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "Invalid start_offset -1 for array 'hidden_b'",
+            ),
+            (
+                {"start_array": "hidden_b", "start_offset": 129},
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "give an offset from 0 to its size, 128 bytes",
+            ),
+            (
+                {"names": ["counts"], "start_array": "hidden_b"},
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "start_array 'hidden_b' is not among the requested names ['counts']",
+            ),
+        ],
+        ids=["unknown-array", "malformed-array", "offset-without-array", "negative-offset", "offset-past-end", "not-selected"],
+    )
+    def test_bad_start(self, registry, arrays, fields, code, message):
+        saved = save(registry.stub, arrays)
+
+        with pytest.raises(grpc.RpcError) as caught:
+            load_frames(registry.stub, saved.id, **fields)
+
+        assert caught.value.code() == code
+        assert message in caught.value.details()
+        assert_serving(registry.stub)
+
+    @pytest.mark.parametrize("start_offset", [64, 127, 128])
+    def test_corruption_before_start_reported(self, registry, arrays, start_offset):
+        saved = save(registry.stub, arrays)
+        blob = registry.root / "blobs" / "parameter-sets" / saved.id / "hidden_b"
+        corrupted = bytearray(blob.read_bytes())
+        corrupted[0] ^= 0xFF
+        blob.write_bytes(bytes(corrupted))
+
+        with pytest.raises(grpc.RpcError) as caught:
+            load_frames(registry.stub, saved.id, start_array="hidden_b", start_offset=start_offset, chunk_bytes=16)
+
+        assert caught.value.code() == grpc.StatusCode.DATA_LOSS
+        assert "Array 'hidden_b'" in caught.value.details()
+        assert hashlib.sha256(bytes(corrupted)).hexdigest() in caught.value.details()
+        assert_serving(registry.stub)
+
+    def test_truncated_blob_before_start_reported(self, registry, arrays):
+        saved = save(registry.stub, arrays)
+        blob = registry.root / "blobs" / "parameter-sets" / saved.id / "hidden_b"
+        blob.write_bytes(blob.read_bytes()[:50])
+
+        with pytest.raises(grpc.RpcError) as caught:
+            load_frames(registry.stub, saved.id, start_array="hidden_b", start_offset=100, chunk_bytes=16)
+
+        assert caught.value.code() == grpc.StatusCode.DATA_LOSS
+        assert "has 50 bytes" in caught.value.details()
+        assert "128 were recorded" in caught.value.details()
+
+
 class TestSaveRejects:
     @pytest.mark.parametrize("case", list(REJECTED_STREAMS))
     def test_rejected_stream(self, registry, arrays, case):
