@@ -158,7 +158,7 @@ class Engine:
     max_retries : int
         Retries of a call that fails with UNAVAILABLE, for calls that are safe to repeat: the
         list, get and describe calls, tag_parameter_set, and downloads and loads, which resume
-        or start again. The waits double from about 0.25 s to at most 4 s, within the call's
+        where they stopped. The waits double from about 0.25 s to at most 4 s, within the call's
         ``timeout_s``. Uploads, saves, registrations, deletions and watches are not retried;
         wait_session watches again by itself. Default 5.
     trainer_addresses : sequence of str, optional
@@ -819,10 +819,11 @@ class Engine:
     def load_parameter_set(self, parameter_set_id: str, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Download the arrays of a parameter set, each into one preallocated numpy array.
 
-        Each array's sha256 is checked against its header once its bytes have arrived. A stream
-        that fails with UNAVAILABLE starts again from the first array, as often as ``max_retries``
-        allows, because the registry's load call has no start offset. Parameter sets never
-        change, so a restarted stream sends the same bytes.
+        If the stream fails with UNAVAILABLE, the load resumes at the array and byte it had
+        reached, writing into the arrays already allocated, as often as ``max_retries`` allows and
+        after the same growing pauses as other retried calls. Each resumption is logged as a
+        warning with the set's id and the position. Each array's sha256 is checked against its
+        header once all its bytes have arrived, across resumptions.
 
         Parameters
         ----------
@@ -843,31 +844,42 @@ class Engine:
         IntegrityError
             If an array's bytes have another sha256 than its header records.
         DataLossError
-            If the stream breaks the array protocol or lacks one of ``names``.
+            If the stream breaks the array protocol, lacks one of ``names``, or a resumed stream
+            does not continue the array it stopped in.
         UnavailableError
-            If the registry cannot be reached.
+            If the registry stays unreachable through every resumption.
         EngineError
             For any other failure of the call.
         """
-        request = model_registry_pb2.LoadParameterSetRequest(
-            id=parameter_set_id, names=list(names or ()), chunk_bytes=self.limits.chunk_bytes
-        )
-        source = f"parameter set {parameter_set_id!r}"
+        load_method = self._bulk("registry", "LoadParameterSet")
+        load = _ParameterSetLoad(source=f"parameter set {parameter_set_id!r}")
         backoffs_s = self.retry_policy.backoffs_s()
         retries = 0
         while True:
-            call = self._bulk("registry", "LoadParameterSet")(request, timeout=self.timeout_s)
+            start_array, start_offset = load.resume_point
+            request = model_registry_pb2.LoadParameterSetRequest(
+                id=parameter_set_id,
+                names=list(names or ()),
+                chunk_bytes=self.limits.chunk_bytes,
+                start_array=start_array,
+                start_offset=start_offset,
+            )
+            call = load_method(request, timeout=self.timeout_s)
             try:
-                arrays = _receive_arrays(call, source=source)
+                load.consume(call)
                 break
             except grpc.RpcError as error:
                 delay_s = next(backoffs_s, None)
                 if error.code() != grpc.StatusCode.UNAVAILABLE or delay_s is None:
                     raise from_rpc_error(error) from error
                 retries += 1
+                start_array, start_offset = load.resume_point
                 logger.warning(
-                    "Load of %s failed (%s); starting it again in %.1f s, retry %d of %d",
-                    source,
+                    "Load of parameter set %r failed at byte %d of array %r (%s); resuming in %.1f s, "
+                    "retry %d of %d",
+                    parameter_set_id,
+                    start_offset,
+                    start_array or "(none received yet)",
                     error.details(),
                     delay_s,
                     retries,
@@ -877,10 +889,11 @@ class Engine:
                 call.cancel()
             time.sleep(delay_s)
 
+        arrays = load.finish()
         missing = [name for name in names or () if name not in arrays]
         if missing:
             raise DataLossError(
-                f"The registry's stream of {source} ended without the requested arrays "
+                f"The registry's stream of {load.source} ended without the requested arrays "
                 f"{', '.join(map(repr, missing))}."
             )
         return arrays
@@ -1756,30 +1769,74 @@ class _ArrayDownload:
         return _finish_buffer(self._buffer, self._header, source=self.source)
 
 
-def _receive_arrays(frames: Iterable[arrays_pb2.ArrayFrame], *, source: str) -> dict[str, np.ndarray]:
-    """Assemble a stream of several arrays, each a header followed by its chunks."""
-    arrays: dict[str, np.ndarray] = {}
-    header: arrays_pb2.ArrayHeader | None = None
-    buffer: ArrayBuffer | None = None
+class _ParameterSetLoad:
+    """The arrays of a parameter set being assembled from a load stream that may be resumed.
 
-    for frame in frames:
-        chunk = _chunk_of(frame)
-        kind = "chunk" if chunk is not None else frame.WhichOneof("frame")
-        if kind == "header":
-            if buffer is not None:
-                arrays[header.name] = _finish_buffer(buffer, header, source=source)
-            header = frame.header
-            if header.name in arrays:
-                raise DataLossError(f"The stream of {source} sent array {header.name!r} twice.")
-            buffer = _new_buffer(header, source=source)
-        elif kind == "chunk" and buffer is not None:
-            _add_chunk(buffer, chunk, source=source)
-        else:
-            raise DataLossError(f"The stream of {source} sent a chunk or an empty frame before any array header.")
+    Each array goes into a buffer allocated at its header. A resumed stream starts with the header
+    of the array that was in progress, which must equal the one received before, and continues
+    its bytes into the same buffer, so the buffer's digest covers every byte of the array.
+    """
 
-    if buffer is not None:
-        arrays[header.name] = _finish_buffer(buffer, header, source=source)
-    return arrays
+    def __init__(self, *, source: str):
+        self.source = source
+        self._arrays: dict[str, np.ndarray] = {}
+        self._header: arrays_pb2.ArrayHeader | None = None
+        self._buffer: ArrayBuffer | None = None
+
+    @property
+    def resume_point(self) -> tuple[str, int]:
+        """The ``start_array`` and ``start_offset`` a resumed stream starts at; ``("", 0)`` before any header."""
+        if self._header is None:
+            return "", 0
+        return self._header.name, self._buffer.receiver.received
+
+    def consume(self, frames: Iterable[arrays_pb2.ArrayFrame]) -> None:
+        """Write the arrays of one stream, started at :attr:`resume_point`, into their buffers."""
+        frames = iter(frames)
+        if self._header is not None:
+            self._check_resumed_header(next(frames, None))
+
+        for frame in frames:
+            chunk = _chunk_of(frame)
+            kind = "chunk" if chunk is not None else frame.WhichOneof("frame")
+            if kind == "header":
+                self._finish_array()
+                header = frame.header
+                if header.name in self._arrays:
+                    raise DataLossError(f"The stream of {self.source} sent array {header.name!r} twice.")
+                self._header = header
+                self._buffer = _new_buffer(header, source=self.source)
+            elif kind == "chunk" and self._buffer is not None:
+                _add_chunk(self._buffer, chunk, source=self.source)
+            else:
+                raise DataLossError(
+                    f"The stream of {self.source} sent a chunk or an empty frame before any array header."
+                )
+
+    def finish(self) -> dict[str, np.ndarray]:
+        """Verify the last array and return every array by name, in the order they arrived."""
+        self._finish_array()
+        return self._arrays
+
+    def _check_resumed_header(self, first: arrays_pb2.ArrayFrame | memoryview | None) -> None:
+        if first is None:
+            raise DataLossError(
+                f"The resumed stream of {self.source} ended without the header of array {self._header.name!r}."
+            )
+        if _chunk_of(first) is not None or first.WhichOneof("frame") != "header":
+            raise DataLossError(
+                f"The resumed stream of {self.source} did not start with the header of array {self._header.name!r}."
+            )
+        if first.header != self._header:
+            raise DataLossError(
+                f"The resumed stream of {self.source} sent array {first.header.name!r} with sha256 "
+                f"{first.header.sha256} where array {self._header.name!r} with sha256 {self._header.sha256} "
+                "was in progress; load the parameter set again."
+            )
+
+    def _finish_array(self) -> None:
+        if self._header is not None and self._header.name not in self._arrays:
+            self._arrays[self._header.name] = _finish_buffer(self._buffer, self._header, source=self.source)
 
 
 def _chunk_of(frame: arrays_pb2.ArrayFrame | memoryview) -> memoryview | bytes | None:

@@ -52,7 +52,7 @@ class RetryPolicy:
 class RetryingInterceptor(grpc.UnaryUnaryClientInterceptor):
     """Retries unary calls of idempotent methods that fail with UNAVAILABLE, within the call's deadline.
 
-    Streaming calls pass through; the SDK resumes downloads and restarts loads itself.
+    Streaming calls pass through; the SDK resumes downloads and loads itself.
     """
 
     def __init__(self, policy: RetryPolicy):

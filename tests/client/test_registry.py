@@ -4,7 +4,7 @@ import grpc
 import numpy as np
 import pytest
 
-from lasagne_engine.client import IntegrityError, InvalidArgumentError, NotFoundError
+from lasagne_engine.client import DataLossError, IntegrityError, InvalidArgumentError, NotFoundError
 from lasagne_engine.v1 import arrays_pb2, model_registry_pb2, model_registry_pb2_grpc
 
 
@@ -14,6 +14,11 @@ class FakeRegistry(model_registry_pb2_grpc.ModelRegistryServicer):
     def __init__(self):
         self.parameter_sets = {}
         self.requests = []
+        self.load_requests = []
+        # Chunks the next load sends before it fails with UNAVAILABLE; None sends every chunk.
+        self.load_chunks_before_failure = None
+        # sha256 that the headers of a resumed load carry instead of the saved one; None keeps it.
+        self.sha256_on_resume = None
         self.register_time_remaining_s = None
 
     def SaveParameterSet(self, request_iterator, context):
@@ -45,14 +50,32 @@ class FakeRegistry(model_registry_pb2_grpc.ModelRegistryServicer):
         )
 
     def LoadParameterSet(self, request, context):
+        self.load_requests.append(request)
         if request.id not in self.parameter_sets:
             context.abort(grpc.StatusCode.NOT_FOUND, f"No parameter set {request.id!r}.")
-        for header, data in self.parameter_sets[request.id]:
-            if request.names and header.name not in request.names:
-                continue
+        arrays = [
+            (header, data)
+            for header, data in self.parameter_sets[request.id]
+            if not request.names or header.name in request.names
+        ]
+        if request.start_array:
+            arrays = arrays[[header.name for header, _ in arrays].index(request.start_array) :]
+        start_offset = request.start_offset
+        for header, data in arrays:
+            if request.start_array and self.sha256_on_resume is not None:
+                header = arrays_pb2.ArrayHeader(
+                    name=header.name, dtype=header.dtype, shape=header.shape, nbytes=header.nbytes,
+                    sha256=self.sha256_on_resume,
+                )
             yield arrays_pb2.ArrayFrame(header=header)
-            for offset in range(0, len(data), request.chunk_bytes):
+            for offset in range(start_offset, len(data), request.chunk_bytes):
+                if self.load_chunks_before_failure is not None:
+                    if self.load_chunks_before_failure == 0:
+                        self.load_chunks_before_failure = None
+                        context.abort(grpc.StatusCode.UNAVAILABLE, "The test registry dropped the load.")
+                    self.load_chunks_before_failure -= 1
                 yield arrays_pb2.ArrayFrame(chunk=bytes(data[offset : offset + request.chunk_bytes]))
+            start_offset = 0
 
     def TagParameterSet(self, request, context):
         self.requests.append(request)
@@ -126,6 +149,33 @@ def test_load_damaged_parameter_set_raises(engine, registry):
 
     actual = hashlib.sha256(data).hexdigest()
     with pytest.raises(IntegrityError, match=f"array 'W' of parameter set 'ps-1' has sha256 {actual}"):
+        engine.load_parameter_set(saved.id)
+
+
+def test_load_resumes_after_unavailable(engine, registry, caplog):
+    saved = engine.save_parameter_set("mlp", PARAMETERS)
+    # hidden.W has 8192 bytes, 128 chunks of 64 bytes, and hidden.b 2 chunks, so the failure
+    # falls between the two chunks of hidden.b.
+    registry.load_chunks_before_failure = 129
+
+    with caplog.at_level("WARNING", logger="lasagne_engine.client.engine"):
+        loaded = engine.load_parameter_set(saved.id)
+
+    assert [(request.start_array, request.start_offset) for request in registry.load_requests] == [
+        ("", 0),
+        ("hidden.b", 64),
+    ]
+    for name, array in PARAMETERS.items():
+        np.testing.assert_array_equal(loaded[name], array)
+    assert "Load of parameter set 'ps-1' failed at byte 64 of array 'hidden.b'" in caplog.text
+
+
+def test_load_resumed_with_other_header_raises(engine, registry):
+    saved = engine.save_parameter_set("mlp", PARAMETERS)
+    registry.load_chunks_before_failure = 129
+    registry.sha256_on_resume = "0" * 64
+
+    with pytest.raises(DataLossError, match="sent array 'hidden.b' with sha256 0{64} where array 'hidden.b'"):
         engine.load_parameter_set(saved.id)
 
 
