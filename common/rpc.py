@@ -4,8 +4,10 @@ import ipaddress
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterable
 from concurrent import futures
+from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -55,6 +57,20 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+# Seconds a stopping server waits for each background task to end before it stops waiting.
+BACKGROUND_TASK_JOIN_S = 30.0
+
+
+class BackgroundTask(Protocol):
+    """Work that runs in its own thread while a server serves, such as a periodic cleanup."""
+
+    def start(self) -> None: ...
+
+    def request_stop(self) -> None: ...
+
+    def join(self, timeout_s: float | None = None) -> bool: ...
 
 
 class Server:
@@ -123,13 +139,20 @@ class Server:
             raise OSError(f"Could not bind {address!r}; is another process listening there?")
         self.address = f"{host}:{self.port}"
         self._service_names: list[str] = []
+        self._background_tasks: list[BackgroundTask] = []
 
     def add_service_name(self, name: str) -> None:
         """Report ``name`` in the health service once the server starts."""
         self._service_names.append(name)
 
+    def add_background_task(self, task: BackgroundTask) -> None:
+        """Start ``task`` when the server starts, and stop it when the server stops."""
+        self._background_tasks.append(task)
+
     def start(self) -> "Server":
         self.grpc_server.start()
+        for task in self._background_tasks:
+            task.start()
         for name in ["", *self._service_names]:
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         logger.info(
@@ -145,11 +168,35 @@ class Server:
         """Stop accepting calls, give calls in flight ``grace_s`` seconds, then cancel them.
 
         The health service reports NOT_SERVING from the start, and new calls fail with
-        UNAVAILABLE. Returns an event that is set once every call has ended.
+        UNAVAILABLE. The background tasks are asked to stop at once. Returns an event that is set
+        once every call has ended and every background task has ended, or has run
+        ``BACKGROUND_TASK_JOIN_S`` seconds past the request to stop.
         """
         self.health.enter_graceful_shutdown()
         logger.info("Stopping the server on %s; calls in flight have %s s to finish", self.address, grace_s)
-        return self.grpc_server.stop(grace_s)
+        for task in self._background_tasks:
+            task.request_stop()
+        calls_ended = self.grpc_server.stop(grace_s)
+        if not self._background_tasks:
+            return calls_ended
+
+        stopped = threading.Event()
+
+        def wait_for_calls_and_tasks() -> None:
+            deadline = time.monotonic() + BACKGROUND_TASK_JOIN_S
+            for task in self._background_tasks:
+                if not task.join(max(0.0, deadline - time.monotonic())):
+                    logger.warning(
+                        "Background task %r of the server on %s did not stop within %g s; leaving it running",
+                        task,
+                        self.address,
+                        BACKGROUND_TASK_JOIN_S,
+                    )
+            calls_ended.wait()
+            stopped.set()
+
+        threading.Thread(target=wait_for_calls_and_tasks, name="server-stop", daemon=True).start()
+        return stopped
 
     def stop(self, grace_s: float | None = 5.0) -> None:
         """Stop as :meth:`begin_stop` does and wait until every call has ended."""
