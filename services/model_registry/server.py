@@ -5,6 +5,7 @@ import pathlib
 import sys
 
 from lasagne_engine.blobstore import BlobStore
+from lasagne_engine.blobstore.garbage import add_delete_retries, delete_retry_interval_s
 from lasagne_engine.config import StreamLimits
 from lasagne_engine.model_registry.checker import DefinitionChecker
 from lasagne_engine.model_registry.servicer import ModelRegistryServicer
@@ -23,6 +24,7 @@ def add_model_registry(
     blob_store: BlobStore | None = None,
     compile_cache: pathlib.Path | None = None,
     python_executable: str = sys.executable,
+    delete_retry_s: float | None = None,
 ) -> ModelRegistryServicer:
     """Open the registry at ``root`` and serve it on ``server``.
 
@@ -39,22 +41,32 @@ def add_model_registry(
         checks warm it. Default ``root / "compile-cache"``.
     python_executable : str
         Interpreter that runs the definition checks. Default ``sys.executable``.
+    delete_retry_s : float, optional
+        Seconds between the server's retries of failed blob deletions; 0 turns them off.
+        Default ``$LASAGNE_ENGINE_DELETE_RETRY_S``, else 300.
 
     Returns
     -------
     ModelRegistryServicer
         The registered servicer; call its ``close()`` after the server has stopped.
+
+    Raises
+    ------
+    ValueError
+        If ``delete_retry_s`` or ``$LASAGNE_ENGINE_DELETE_RETRY_S`` is negative or not a finite number.
     """
     root = pathlib.Path(root)
     checker = DefinitionChecker(
         compile_cache=compile_cache if compile_cache is not None else root / "compile-cache",
         python_executable=python_executable,
     )
+    delete_retry_s = delete_retry_interval_s(delete_retry_s)
     registry_store = RegistryStore(root, check_definition=checker, blob_store=blob_store)
     servicer = ModelRegistryServicer(registry_store, server.limits)
 
     servicer.add_to_server(server.grpc_server)
     server.add_service_name(SERVICE_NAME)
+    add_delete_retries(server, registry_store.retry_pending_deletions, delete_retry_s, service="model registry")
     logger.info("Added the model registry at %s to the server on %s", root, server.address)
     return servicer
 
@@ -66,6 +78,7 @@ def create_server(
     blob_store: BlobStore | None = None,
     compile_cache: pathlib.Path | None = None,
     limits: StreamLimits | None = None,
+    delete_retry_s: float | None = None,
 ) -> Server:
     """Build a server for the model registry alone, bound to ``address`` but not started.
 
@@ -73,7 +86,7 @@ def create_server(
     ----------
     address : str
         ``host:port`` to listen on; port 0 picks a free port, which ``Server.port`` returns.
-    root, blob_store, compile_cache
+    root, blob_store, compile_cache, delete_retry_s
         As for :func:`add_model_registry`.
     limits : StreamLimits, optional
         Message and chunk sizes. Default from the environment.
@@ -84,5 +97,7 @@ def create_server(
         The server; call ``start()`` to serve.
     """
     server = Server(address, limits=limits)
-    add_model_registry(server, root=root, blob_store=blob_store, compile_cache=compile_cache)
+    add_model_registry(
+        server, root=root, blob_store=blob_store, compile_cache=compile_cache, delete_retry_s=delete_retry_s
+    )
     return server

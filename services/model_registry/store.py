@@ -999,6 +999,24 @@ class RegistryStore:
 
     # Garbage ---------------------------------------------------------------------------------
 
+    def retry_pending_deletions(self, *, stop: threading.Event | None = None) -> tuple[int, int]:
+        """Retry the blob deletions recorded in this database, without sweeping orphans.
+
+        The periodic retry thread calls it. Only the keys of deleted objects recorded here are
+        deleted, so the call cannot remove blobs that another store sharing the blob store refers to.
+
+        Parameters
+        ----------
+        stop : threading.Event, optional
+            Once set, the keys not yet tried stay recorded. Default: try every key.
+
+        Returns
+        -------
+        tuple of int
+            How many blobs were deleted now, and how many stay recorded.
+        """
+        return self._deleter.retry_pending(stop=stop)
+
     def collect_garbage(self, *, dry_run: bool = False) -> GarbageReport:
         """Delete orphan blobs and incomplete writes, and retry blob deletions that failed before.
 

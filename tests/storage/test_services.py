@@ -1,8 +1,10 @@
 """The data service and the registry on each blob store backend, through real servers and the SDK."""
 
 import contextlib
+import logging
 import sqlite3
 import threading
+import time
 import uuid
 
 import grpc
@@ -28,8 +30,10 @@ LARGE_SHAPE = (3072, 1024)
 
 
 @contextlib.contextmanager
-def data_service(root, blob_store, *, limits: StreamLimits | None = None):
-    server = create_data_server("127.0.0.1:0", root=root, blob_store=blob_store, limits=limits or StreamLimits()).start()
+def data_service(root, blob_store, *, limits: StreamLimits | None = None, delete_retry_s: float | None = None):
+    server = create_data_server(
+        "127.0.0.1:0", root=root, blob_store=blob_store, limits=limits or StreamLimits(), delete_retry_s=delete_retry_s
+    ).start()
     engine = Engine(data_address=server.address, registry_address="127.0.0.1:1", trainer_address="127.0.0.1:1")
     try:
         yield engine
@@ -39,9 +43,14 @@ def data_service(root, blob_store, *, limits: StreamLimits | None = None):
 
 
 @contextlib.contextmanager
-def registry(root, blob_store, compile_cache):
+def registry(root, blob_store, compile_cache, *, delete_retry_s: float | None = None):
     server = create_registry_server(
-        "127.0.0.1:0", root=root, blob_store=blob_store, compile_cache=compile_cache, limits=StreamLimits()
+        "127.0.0.1:0",
+        root=root,
+        blob_store=blob_store,
+        compile_cache=compile_cache,
+        limits=StreamLimits(),
+        delete_retry_s=delete_retry_s,
     ).start()
     engine = Engine(registry_address=server.address, data_address="127.0.0.1:1", trainer_address="127.0.0.1:1")
     try:
@@ -310,6 +319,74 @@ class TestDataServiceOnFailingStorage:
 
         with data_service(tmp_path / "data", store):
             assert blob_keys(store, "datasets/") == []
+
+
+def wait_until(condition, *, timeout_s: float = 20.0) -> None:
+    """Poll ``condition`` until it returns something true; fail after ``timeout_s`` seconds."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"Condition {condition} still false after {timeout_s} s.")
+        time.sleep(0.05)
+
+
+def delete_retry_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name.startswith("delete-retry-")]
+
+
+class TestPeriodicDeleteRetry:
+    def test_data_delete_retried_by_timer(self, proxied_s3_store, tmp_path, caplog):
+        store, proxy = proxied_s3_store
+        caplog.set_level(logging.INFO, logger="lasagne_engine.blobstore.garbage")
+        with data_service(tmp_path / "data", store, delete_retry_s=0.2) as engine:
+            engine.upload_dataset("d", {"x": np.arange(10), "y": np.arange(3)})
+            deleted_keys = blob_keys(store, "datasets/")
+            # It is written after the start, so the startup sweep has not seen it, and only a later
+            # sweep would delete it.
+            orphan = f"datasets/orphan/{uuid.uuid4().hex}/x"
+            store.put_bytes(orphan, b"not referenced by any version")
+            proxy.policy = lambda request: Fail(503, "ServiceUnavailable") if request.method == "DELETE" else None
+
+            assert engine.delete_dataset("d") == [1]
+            wait_until(lambda: "Retrying 2 blob deletions that failed earlier" in caplog.text)
+            assert sorted(blob_keys(store, "datasets/")) == sorted([*deleted_keys, orphan])
+            proxy.policy = lambda request: None
+            wait_until(lambda: blob_keys(store, "datasets/") == [orphan])
+            assert len(delete_retry_threads()) == 1
+
+        assert delete_retry_threads() == []
+        for key in deleted_keys:
+            assert f"Failed to delete blob {key}" in caplog.text
+        assert f"Deleted 2 blobs whose deletion had failed earlier: {', '.join(sorted(deleted_keys))}" in caplog.text
+        assert blob_keys(store, "datasets/") == [orphan]
+        assert "Stopped retrying failed blob deletions of the data service" in caplog.text
+
+    def test_registry_delete_retried_by_timer(self, proxied_s3_store, registry_template, compile_cache, tmp_path):
+        store, proxy = proxied_s3_store
+        seed_registry(registry_template, tmp_path / "registry", store)
+        with registry(tmp_path / "registry", store, compile_cache, delete_retry_s=0.2) as engine:
+            saved = engine.save_parameter_set("digits", {"W": np.ones((4, 4), dtype=np.float32)})
+            proxy.policy = lambda request: Fail(503, "ServiceUnavailable") if request.method == "DELETE" else None
+
+            assert engine.delete_parameter_set(saved.id) is True
+            assert blob_keys(store, f"parameter-sets/{saved.id}/") == [f"parameter-sets/{saved.id}/W"]
+            proxy.policy = lambda request: None
+            wait_until(lambda: blob_keys(store, f"parameter-sets/{saved.id}/") == [])
+
+        assert delete_retry_threads() == []
+
+    def test_zero_interval_starts_no_thread(self, blob_store, tmp_path, monkeypatch):
+        monkeypatch.setenv("LASAGNE_ENGINE_DELETE_RETRY_S", "0")
+
+        with data_service(tmp_path / "data", blob_store):
+            assert delete_retry_threads() == []
+
+    @pytest.mark.parametrize("value", ["-1", "soon", "inf", "nan"])
+    def test_invalid_interval_rejected(self, tmp_path, monkeypatch, value):
+        monkeypatch.setenv("LASAGNE_ENGINE_DELETE_RETRY_S", value)
+
+        with pytest.raises(ValueError, match=f"LASAGNE_ENGINE_DELETE_RETRY_S='{value}' is invalid"):
+            create_data_server("127.0.0.1:0", root=tmp_path / "data", limits=StreamLimits())
 
 
 class TestRegistry:
