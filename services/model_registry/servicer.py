@@ -4,6 +4,7 @@ import base64
 import dataclasses
 import hashlib
 import logging
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -21,6 +22,8 @@ from lasagne_engine.v1 import arrays_pb2, model_registry_pb2, model_registry_pb2
 # Most parameter sets in one ListParameterSets response. With a dozen arrays each, a set's
 # message takes roughly 2 KB, so a page stays far below the default 16 MiB message limit.
 MAX_PAGE_SIZE = 1000
+# How long a stream that ended without frames may take to show up as cancelled.
+CANCEL_SETTLE_S = 0.2
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +87,11 @@ class ModelRegistryServicer(model_registry_pb2_grpc.ModelRegistryServicer):
     def SaveParameterSet(self, request_iterator, context):
         try:
             first = next(request_iterator, None)
+            cancelled = first is None and _ends_cancelled(context)
         except grpc.RpcError:
             # grpcio 1.85's request iterator raises a bare RpcError once the client cancels or disconnects.
+            cancelled = True
+        if cancelled:
             logger.info("SaveParameterSet was cancelled by %s before its first frame", context.peer())
             context.abort(grpc.StatusCode.CANCELLED, "SaveParameterSet was cancelled before its first frame.")
         if first is None or _frame_kind(first) != "info":
@@ -347,3 +353,19 @@ def _parameter_set_message(parameter_set: records.ParameterSet) -> model_registr
     )
     message.created_at.CopyFrom(to_timestamp(parameter_set.created_at))
     return message
+
+
+def _ends_cancelled(context) -> bool:
+    """Tell whether a request stream that ended without frames did so because the client cancelled.
+
+    grpcio can end the request iterator of a cancelled call as if the client had closed an
+    empty stream, and mark the call inactive a moment later, so this waits up to
+    ``CANCEL_SETTLE_S`` for that mark. A client that really sent an empty stream waits that long
+    for its INVALID_ARGUMENT.
+    """
+    deadline = time.monotonic() + CANCEL_SETTLE_S
+    while context.is_active():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
+    return True
