@@ -336,7 +336,7 @@ def command_train(arguments) -> int:
         session = engine.start_session(
             arguments.model, arguments.dataset, optimizer=arguments.optimizer, learning_rate=arguments.learning_rate,
             batch_size=arguments.batch_size, epochs=arguments.epochs, seed=arguments.seed,
-            model_hyperparameters=_key_values(arguments.set), monitor=arguments.monitor,
+            model_hyperparameters=_key_values(arguments.set), monitor=arguments.monitor or "",
             init_parameter_set=arguments.init_parameter_set or "", description=arguments.description,
             device=arguments.device or "", resume_from=arguments.resume_from or "",
             early_stopping_patience=arguments.patience, keep_best=arguments.keep_best,
@@ -533,7 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     params = add("params", command_params, "list parameter sets")
     params.add_argument("--model", help="NAME or NAME@VERSION")
-    params.add_argument("--session")
+    params.add_argument("--session", help="only the parameter sets this session saved")
     params.add_argument("--tag")
     delete_params = add("delete-params", command_delete_params, "delete a parameter set")
     delete_params.add_argument("id")
@@ -543,9 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
     gc = add("gc", command_gc, "remove blobs that no metadata refers to and retry failed blob deletions")
     gc.add_argument("--dry-run", action="store_true", help="only count what would be removed")
     tag = add("tag", command_tag, "add or remove tags of a parameter set")
-    tag.add_argument("id")
-    tag.add_argument("--add", action="append", default=[])
-    tag.add_argument("--remove", action="append", default=[])
+    tag.add_argument("id", help="parameter set id")
+    tag.add_argument("--add", action="append", default=[], metavar="TAG", help="tag to add; repeatable")
+    tag.add_argument("--remove", action="append", default=[], metavar="TAG", help="tag to remove; repeatable")
     evaluate = add("evaluate", command_evaluate, "evaluate a parameter set on a dataset in this process")
     evaluate.add_argument("id", help="parameter set id")
     evaluate.add_argument("dataset", help="NAME or NAME@VERSION")
@@ -556,20 +556,22 @@ def build_parser() -> argparse.ArgumentParser:
     train = add("train", command_train, "start a training session")
     train.add_argument("model", help="NAME or NAME@VERSION")
     train.add_argument("dataset", help="NAME or NAME@VERSION")
-    train.add_argument("--optimizer", default="adam", help="sgd, momentum, nesterov, adam, adamw, rmsprop or adagrad (default adam)")
-    train.add_argument("--learning-rate", type=float, default=1e-3, help="default 0.001")
-    train.add_argument("--batch-size", type=int, default=32, help="examples per step (default 32)")
-    train.add_argument("--epochs", type=int, default=10, help="default 10")
-    train.add_argument("--seed", type=int, default=0, help="seed of initialization and data order (default 0)")
-    train.add_argument("--monitor", default="val_loss", help="metric that picks the best parameter set (default val_loss)")
+    # Unset values take the trainer's defaults, or with --resume-from the source session's values.
+    train.add_argument("--optimizer", help="sgd, momentum, nesterov, adam, adamw, rmsprop or adagrad (default adam)")
+    train.add_argument("--learning-rate", type=float, help="default 0.001")
+    train.add_argument("--batch-size", type=int, help="examples per step (default 32)")
+    train.add_argument("--epochs", type=int, help="epochs in total, counting those of a resumed session (default 10)")
+    train.add_argument("--seed", type=int, help="seed of initialization and data order (default 0)")
+    train.add_argument("--monitor", help="metric that picks the best parameter set (default val_loss)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model hyperparameter; repeatable")
     train.add_argument("--init-parameter-set", help="start from this parameter set's arrays")
-    train.add_argument("--resume-from", help="continue from this parameter set, its optimizer state and step count")
+    train.add_argument("--resume-from", help="continue from this parameter set, its optimizer state and step count; "
+                       "hyperparameters not given here keep the source session's values")
     train.add_argument("--device", help="device to run on, such as gpu:1 (default: the first free one)")
     train.add_argument("--patience", type=int, default=0, help="stop after N epochs without improvement (default 0: never)")
     train.add_argument("--keep-best", type=int, default=0, help="keep the N best parameter sets (default 0: keep all)")
     train.add_argument("--keep-latest", type=int, default=0, help="keep the N latest parameter sets (default 0: keep all)")
-    train.add_argument("--description", default="")
+    train.add_argument("--description", default="", help="free-form label shown in listings")
     train.add_argument("--follow", action="store_true", help="show live progress until the session ends")
     sessions = add("sessions", command_sessions, "list training sessions, or compare some side by side")
     sessions.add_argument(
@@ -577,7 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="show these sessions' hyperparameters, best validation metrics, epochs and wall time side by side",
     )
     session = add("session", command_session, "show one session with its per-epoch metrics, as JSON")
-    session.add_argument("id")
+    session.add_argument("id", help="session id")
     watch = add("watch", command_watch, "show live progress of sessions, one line each, until they end")
     watch.add_argument("ids", nargs="*", metavar="SESSION", help="sessions to watch (default: every live session)")
     plot = add("plot", command_plot, "draw the loss and validation metric curves of sessions side by side")
@@ -593,18 +595,18 @@ def build_parser() -> argparse.ArgumentParser:
     plot_params.add_argument("--out", required=True, metavar="FILE.png", help="image to write; the extension sets the format")
     plot_params.add_argument("--bins", type=int, default=60, help="histogram bins per array (default 60)")
     stop = add("stop", command_stop, "stop a session after saving a final parameter set")
-    stop.add_argument("id")
+    stop.add_argument("id", help="session id")
     add("devices", command_devices, "list the trainer's devices, their memory and sessions")
     pause = add("pause", command_pause, "pause a running session before its next step")
-    pause.add_argument("id")
+    pause.add_argument("id", help="session id")
     pause.add_argument("--release", action="store_true", help="checkpoint and free the device (state suspended)")
     resume = add("resume", command_resume, "resume a paused, suspended or interrupted session")
-    resume.add_argument("id")
+    resume.add_argument("id", help="session id")
     checkpoint = add("checkpoint", command_checkpoint, "save a parameter set of a live session now")
-    checkpoint.add_argument("id")
+    checkpoint.add_argument("id", help="session id")
     set_lr = add("set-lr", command_set_lr, "change a live session's learning rate at its next step")
-    set_lr.add_argument("id")
-    set_lr.add_argument("learning_rate", type=float)
+    set_lr.add_argument("id", help="session id")
+    set_lr.add_argument("learning_rate", type=float, help="the new learning rate, a positive number")
     return parser
 
 
@@ -615,6 +617,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return arguments.handler(arguments)
+    except BrokenPipeError:
+        # The reader of the output, such as head, has closed it: stop quietly, as Unix tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except EngineError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -1082,11 +1082,11 @@ class Engine:
         model: str,
         dataset: str,
         *,
-        optimizer: str = "adam",
-        learning_rate: float = 1e-3,
-        batch_size: int = 32,
-        epochs: int = 10,
-        seed: int = 0,
+        optimizer: str | None = None,
+        learning_rate: float | None = None,
+        batch_size: int | None = None,
+        epochs: int | None = None,
+        seed: int | None = None,
         model_hyperparameters: Mapping[str, Any] | None = None,
         monitor: str = "",
         init_parameter_set: str = "",
@@ -1105,21 +1105,25 @@ class Engine:
         """Start a training session of a model on a dataset.
 
         The session waits in state QUEUED until a device is free, then runs in a process of its own.
+        A hyperparameter left as None takes the trainer's default, given below. With
+        ``resume_from``, it takes instead the value the source session last had, if the same
+        trainer ran that session: its learning rate after any live change, its batch size, epochs,
+        seed and model hyperparameters.
 
         Parameters
         ----------
         model, dataset : str
             ``"name"`` or ``"name@version"``.
-        optimizer : str
+        optimizer : str, optional
             ``"sgd"``, ``"momentum"``, ``"nesterov"``, ``"adam"``, ``"adamw"``, ``"rmsprop"`` or
             ``"adagrad"``. Default ``"adam"``.
-        learning_rate : float
+        learning_rate : float, optional
             Default 1e-3.
-        batch_size : int
+        batch_size : int, optional
             Examples per step. Default 32.
-        epochs : int
+        epochs : int, optional
             Default 10.
-        seed : int
+        seed : int, optional
             Seed of parameter initialization and shuffling. Default 0.
         model_hyperparameters : mapping, optional
             JSON-like values passed to the model's ``build()``, merged over its registered
@@ -1167,12 +1171,10 @@ class Engine:
         EngineError
             For any other failure of the call.
         """
+        given = {"optimizer": optimizer, "learning_rate": learning_rate, "batch_size": batch_size,
+                 "epochs": epochs, "seed": seed}
         hyperparameters = trainer_pb2.Hyperparameters(
-            optimizer=optimizer,
-            learning_rate=learning_rate,
-            batch_size=batch_size,
-            epochs=epochs,
-            seed=seed,
+            **{name: value for name, value in given.items() if value is not None},
             monitor=monitor,
             early_stopping_patience=early_stopping_patience,
             keep_best=keep_best,

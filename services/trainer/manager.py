@@ -224,15 +224,35 @@ class SessionManager:
 
     # Starting ------------------------------------------------------------------------------
 
-    def _hyperparameters(self, given: trainer_pb2.Hyperparameters) -> trainer_pb2.Hyperparameters:
+    def _hyperparameters(
+        self, given: trainer_pb2.Hyperparameters, inherited: trainer_pb2.Hyperparameters | None = None
+    ) -> trainer_pb2.Hyperparameters:
+        """Resolve a request's hyperparameters: given fields, then ``inherited`` ones, then defaults.
+
+        A field counts as given when it is set: present for the numeric fields that track
+        presence, and non-empty or non-zero for the others.
+
+        Raises
+        ------
+        InvalidArgument
+            For an unknown optimizer or monitor, or a value out of range, an explicit 0 included.
+        """
         resolved = trainer_pb2.Hyperparameters()
-        resolved.CopyFrom(given)
-        resolved.optimizer = given.optimizer or DEFAULT_HYPERPARAMETERS["optimizer"]
-        resolved.learning_rate = given.learning_rate or DEFAULT_HYPERPARAMETERS["learning_rate"]
-        resolved.batch_size = given.batch_size or DEFAULT_HYPERPARAMETERS["batch_size"]
-        resolved.epochs = given.epochs or DEFAULT_HYPERPARAMETERS["epochs"]
-        resolved.monitor = given.monitor or "val_loss"
-        resolved.statistics_every_steps = given.statistics_every_steps or self.statistics_every_steps
+        if inherited is not None:
+            resolved.CopyFrom(inherited)
+        for field, value in given.ListFields():
+            if field.message_type is not None:
+                if value.ByteSize():  # an empty model Struct gives nothing
+                    getattr(resolved, field.name).CopyFrom(value)
+            else:
+                setattr(resolved, field.name, value)
+        for name, default in DEFAULT_HYPERPARAMETERS.items():
+            if name == "optimizer":
+                resolved.optimizer = resolved.optimizer or default
+            elif not resolved.HasField(name):
+                setattr(resolved, name, default)
+        resolved.monitor = resolved.monitor or "val_loss"
+        resolved.statistics_every_steps = resolved.statistics_every_steps or self.statistics_every_steps
         if resolved.optimizer not in OPTIMIZERS:
             raise errors.InvalidArgument(
                 f"Unknown optimizer {resolved.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}."
@@ -248,6 +268,22 @@ class SessionManager:
             if getattr(resolved, name) < 0:
                 raise errors.InvalidArgument(f"{name} {getattr(resolved, name)} must be 0 (off) or positive.")
         return resolved
+
+    def _source_hyperparameters(self, parameter_set) -> trainer_pb2.Hyperparameters | None:
+        """Return the hyperparameters the session that saved ``parameter_set`` last had, if this trainer ran it.
+
+        A resumed session continues with them, live learning-rate changes included, for every
+        field its request leaves unset.
+        """
+        with self._lock:
+            source = self._records.get(parameter_set.session_id)
+            if source is None:
+                logger.info("Parameter set %s comes from session %s, which this trainer did not run; unset "
+                            "hyperparameters take the defaults", parameter_set.id, parameter_set.session_id or "none")
+                return None
+            inherited = trainer_pb2.Hyperparameters()
+            inherited.CopyFrom(source.hyperparameters)
+            return inherited
 
     def _estimate(self, request, hyperparameters, model, dataset) -> int:
         names = {key: getattr(request, key) or default for key, default in DEFAULT_ARRAY_NAMES.items()}
@@ -319,11 +355,11 @@ class SessionManager:
             raise errors.InvalidArgument("No dataset given; name an uploaded dataset as 'name' or 'name@version'.")
         if request.init_parameter_set and request.resume_from:
             raise errors.InvalidArgument("Give init_parameter_set or resume_from, not both.")
-        hyperparameters = self._hyperparameters(request.hyperparameters)
         model = self._resolve(lambda: self._engine.get_model(request.model))
         dataset = self._resolve(lambda: self._engine.describe_dataset(request.dataset))
         start_from = request.resume_from or request.init_parameter_set
         first_step = 0
+        inherited = None
         if start_from:
             parameter_set = self._resolve(lambda: self._engine.get_parameter_set(start_from))
             if parameter_set.model != model.name:
@@ -332,6 +368,8 @@ class SessionManager:
                 )
             if request.resume_from:
                 first_step = parameter_set.step
+                inherited = self._source_hyperparameters(parameter_set)
+        hyperparameters = self._hyperparameters(request.hyperparameters, inherited)
         array_names = {header.name for header in dataset.arrays}
         for key, default in DEFAULT_ARRAY_NAMES.items():
             name = getattr(request, key) or default
@@ -852,9 +890,13 @@ class SessionManager:
                 logger.info("Resume requested for session %s", session_id)
                 return self._copy(record)
             if record.state not in RESUMABLE_STATES or live is not None:
+                hint = ""
+                if record.state in FINAL_STATES and record.last_parameter_set_id:
+                    hint = (f" To train on from its last parameter set, start a new session with 'lasagne-engine train "
+                            f"{record.model} {record.dataset} --resume-from {record.last_parameter_set_id}'.")
                 raise errors.FailedPrecondition(
                     f"Session {session_id!r} is {trainer_pb2.SessionState.Name(record.state).lower()}; only a "
-                    "paused, suspended or interrupted session can be resumed."
+                    f"paused, suspended or interrupted session can be resumed.{hint}"
                 )
             resume_from = record.last_parameter_set_id
         first_step = 0
@@ -937,7 +979,7 @@ class SessionManager:
             raise errors.FailedPrecondition(f"Session {session_id!r} failed to save a checkpoint: {reply.checkpoint_saved.error}")
         return reply.checkpoint_saved.parameter_set_id
 
-    def update_hyperparameters(self, session_id: str, *, learning_rate: float) -> trainer_pb2.Session:
+    def update_hyperparameters(self, session_id: str, *, learning_rate: float | None) -> trainer_pb2.Session:
         """Change a live session's learning rate at its next step, without recompiling.
 
         A queued session takes the new value when it starts. The change is recorded in the
@@ -948,7 +990,7 @@ class SessionManager:
         InvalidArgument
             If the learning rate is not a positive finite number.
         """
-        if not learning_rate:
+        if learning_rate is None:
             raise errors.InvalidArgument("No hyperparameter to change; give a learning rate.")
         _check_learning_rate(learning_rate)
         with self._lock:

@@ -50,7 +50,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
 
     @grpc_errors
     def UpdateHyperparameters(self, request, context):
-        return self.manager.update_hyperparameters(request.id, learning_rate=request.learning_rate)
+        learning_rate = request.learning_rate if request.HasField("learning_rate") else None
+        return self.manager.update_hyperparameters(request.id, learning_rate=learning_rate)
 
     @grpc_errors
     def GetDevices(self, request, context):

@@ -153,6 +153,10 @@ def test_control_rejects_bad_requests(two_devices):
         engine.checkpoint_session(session.id)
     with pytest.raises(InvalidArgumentError, match="learning_rate -0.5"):
         engine.update_hyperparameters(session.id, learning_rate=-0.5)
+    with pytest.raises(InvalidArgumentError, match="learning_rate 0"):
+        engine.update_hyperparameters(session.id, learning_rate=0)
+    with pytest.raises(FailedPreconditionError, match=f"--resume-from {session.last_parameter_set_id}"):
+        engine.resume_session(session.id)
     with pytest.raises(NotFoundError):
         engine.pause_session("s-000000000000")
 
@@ -236,6 +240,29 @@ def test_resume_after_stop_matches_straight_run(two_devices):
     expected, actual = final_trainable(engine, straight), final_trainable(engine, resumed)
     for name in expected:
         np.testing.assert_allclose(actual[name], expected[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_resume_keeps_source_hyperparameters(two_devices):
+    engine = two_devices.engine
+    source = engine.start_session("mlp", "digits", epochs=LONG, batch_size=8, learning_rate=3e-3, seed=5,
+                                  optimizer="sgd", model_hyperparameters={"hidden_units": 32})
+    try:
+        wait_for_state(engine, source.id, {trainer_pb2.RUNNING})
+        engine.update_hyperparameters(source.id, learning_rate=7e-4)
+        engine.stop_session(source.id)
+        stopped = engine.wait_session(source.id, timeout_s=120)
+
+        resumed = engine.start_session("mlp", "digits", resume_from=stopped.last_parameter_set_id, batch_size=None)
+        overridden = engine.start_session("mlp", "digits", resume_from=stopped.last_parameter_set_id,
+                                          learning_rate=1e-2, epochs=LONG + 1)
+
+        kept = resumed.hyperparameters
+        assert (kept.learning_rate, kept.batch_size, kept.epochs, kept.seed, kept.optimizer) == (7e-4, 8, LONG, 5, "sgd")
+        assert dict(kept.model) == {"hidden_units": 32}
+        assert (overridden.hyperparameters.learning_rate, overridden.hyperparameters.epochs) == (1e-2, LONG + 1)
+        assert overridden.hyperparameters.batch_size == 8
+    finally:
+        stop_all(engine)
 
 
 def test_early_stopping_and_retention(two_devices):

@@ -153,8 +153,12 @@ def test_shape_mismatch_names_both_shapes(stack, digits):
         ({"batch_size": -4}, "batch_size -4"),
         ({"epochs": -1}, "epochs -1"),
         ({"monitor": "val_f1"}, "Unknown monitor 'val_f1'"),
+        ({"learning_rate": 0}, "learning_rate 0"),
+        ({"batch_size": 0}, "batch_size 0"),
+        ({"epochs": 0}, "epochs 0"),
     ],
-    ids=["optimizer", "learning-rate", "batch-size", "epochs", "monitor"],
+    ids=["optimizer", "learning-rate", "batch-size", "epochs", "monitor", "zero-learning-rate", "zero-batch-size",
+         "zero-epochs"],
 )
 def test_start_rejects_bad_hyperparameters(stack, digits, options, message):
     model, dataset = digits
