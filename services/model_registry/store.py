@@ -660,7 +660,7 @@ class RegistryStore:
                 return self._parameter_sets(connection, [row])[0]
         raise NotFound(
             f"No {kind} with id {set_id!r}; it was never saved or has been deleted. "
-            "ListParameterSets returns the ids that exist."
+            "List the ids that exist with 'lasagne-engine params'."
         )
 
     def select_arrays(
@@ -816,7 +816,7 @@ class RegistryStore:
                 return False
             raise NotFound(
                 f"No parameter set with id {set_id!r}; it was never saved or has been deleted. "
-                "ListParameterSets returns the ids that exist."
+                "List the ids that exist with 'lasagne-engine params'."
             )
 
         failed = self._deleter.delete(keys)
@@ -961,7 +961,7 @@ class RegistryStore:
             if connection.execute("SELECT 1 FROM parameter_sets WHERE id = ?", (set_id,)).fetchone() is None:
                 raise NotFound(
                     f"No parameter set with id {set_id!r} to hold for session {session_id!r}; it was never saved "
-                    "or has been deleted. ListParameterSets returns the ids that exist."
+                    "or has been deleted. List the ids that exist with 'lasagne-engine params'."
                 )
             inserted = connection.execute(
                 "INSERT OR IGNORE INTO parameter_set_holds VALUES (?, ?, ?)", (set_id, session_id, time.time())
@@ -1135,7 +1135,7 @@ class RegistryStore:
             if row is None:
                 raise NotFound(
                     f"No parameter set with id {set_id!r}; it was never saved or has been deleted. "
-                    "ListParameterSets returns the ids that exist."
+                    "List the ids that exist with 'lasagne-engine params'."
                 )
             session_id = row["session_id"]
 
