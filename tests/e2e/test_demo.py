@@ -92,3 +92,9 @@ def test_demo_path_in_process(stack):
     stored = stack.engine.get_parameter_set(best)
     assert float(results["accuracy"]) == pytest.approx(stored.metrics["val_accuracy"], abs=1e-6)
     assert float(results["accuracy"]) >= 0.95
+
+    version = stack.engine.describe_dataset("digits").version
+    again = io.StringIO()
+    run_demo(stack.engine, epochs=1, stream=again)
+    assert f"dataset digits@{version} (unchanged)" in again.getvalue()
+    assert stack.engine.describe_dataset("digits").version == version
