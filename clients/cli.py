@@ -343,6 +343,8 @@ def command_train(arguments) -> int:
             keep_latest=arguments.keep_latest,
         )
         place = f"on {session.device}" if session.device else f"queued at position {session.queue_position}"
+        if not session.device and arguments.device:
+            place += f", waiting for {arguments.device}"
         print(f"started session {session.id} {place}")
         if arguments.follow:
             progress = SessionProgress(refresh=lambda: engine.get_session(session.id))

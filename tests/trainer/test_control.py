@@ -455,6 +455,9 @@ def test_cli_controls_two_sessions_at_once(two_devices, monkeypatch):
             assert len(row) == 1, devices
             assert row[0][-1] == session_id
             assert int(row[0][3].replace(",", "")) > 0
+        waiting = run_cli(["train", "mlp", "digits", "--device", "cpu:0", "--epochs", "1"])
+        assert waiting.strip().endswith("queued at position 1, waiting for cpu:0")
+        assert "stop requested" in run_cli(["stop", waiting.split()[2]])
 
         assert f"pause requested for {first}" in run_cli(["pause", first])
         paused = wait_for_state(engine, first, {trainer_pb2.PAUSED}, timeout_s=60)
