@@ -37,7 +37,7 @@ def digits_split() -> dict[str, np.ndarray]:
 
 
 def _latest_same_dataset(engine: Engine, arrays: dict[str, np.ndarray]):
-    """Return the latest version of the demo dataset if it holds exactly ``arrays``, else None."""
+    """Return the latest version of the demo dataset if it contains exactly ``arrays``, else None."""
     try:
         latest = engine.describe_dataset(DATASET_NAME)
     except NotFoundError:

@@ -1171,10 +1171,10 @@ class Engine:
         EngineError
             For any other failure of the call.
         """
-        given = {"optimizer": optimizer, "learning_rate": learning_rate, "batch_size": batch_size,
-                 "epochs": epochs, "seed": seed}
+        explicit = {"optimizer": optimizer, "learning_rate": learning_rate, "batch_size": batch_size,
+                    "epochs": epochs, "seed": seed}
         hyperparameters = trainer_pb2.Hyperparameters(
-            **{name: value for name, value in given.items() if value is not None},
+            **{name: value for name, value in explicit.items() if value is not None},
             monitor=monitor,
             early_stopping_patience=early_stopping_patience,
             keep_best=keep_best,

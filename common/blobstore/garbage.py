@@ -303,7 +303,7 @@ def delete_retry_interval_s(interval_s: float | None = None) -> float:
 
 
 def _key_list(keys: list[str]) -> str:
-    shown = ", ".join(keys[:MAX_LOGGED_KEYS])
+    listed = ", ".join(keys[:MAX_LOGGED_KEYS])
     if len(keys) > MAX_LOGGED_KEYS:
-        shown += f" and {len(keys) - MAX_LOGGED_KEYS} more"
-    return shown
+        listed += f" and {len(keys) - MAX_LOGGED_KEYS} more"
+    return listed

@@ -12,7 +12,7 @@ conflict at startup and keeps serving, and its garbage collection raises
 :class:`PrefixOwnedElsewhere`, which clients receive as FAILED_PRECONDITION.
 
 NOTE: two services that start at the same moment on a prefix without a marker may both write one.
-Each rereads the marker after writing it, so the loser of that race sees the other's id, but a
+Each rereads the marker after writing it, so the loser of that race reads the other's id, but a
 sweep that already started before the reread is not stopped.
 """
 

@@ -148,8 +148,8 @@ class LocalLauncher:
         environment = compute_environment(self.compile_cache, backend=request.backend, base=base)
         kind, _, index = request.device.partition(":")
         if kind == "gpu":
-            # nvidia-smi numbers GPUs in PCI bus order, and CUDA does so only when this variable
-            # says so. The default order puts the fastest first, so an index could pick another GPU.
+            # nvidia-smi numbers GPUs in PCI bus order, and CUDA does so only with this variable set
+            # to PCI_BUS_ID. Its default order puts the fastest first, so an index could pick another GPU.
             environment["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
             environment["CUDA_VISIBLE_DEVICES"] = index
         else:

@@ -256,10 +256,15 @@ def test_resume_keeps_source_hyperparameters(two_devices):
         overridden = engine.start_session("mlp", "digits", resume_from=stopped.last_parameter_set_id,
                                           learning_rate=1e-2, epochs=LONG + 1)
 
-        kept = resumed.hyperparameters
-        assert (kept.learning_rate, kept.batch_size, kept.epochs, kept.seed, kept.optimizer) == (7e-4, 8, LONG, 5, "sgd")
-        assert dict(kept.model) == {"hidden_units": 32}
-        assert (overridden.hyperparameters.learning_rate, overridden.hyperparameters.epochs) == (1e-2, LONG + 1)
+        inherited = resumed.hyperparameters
+        assert inherited.learning_rate == 7e-4
+        assert inherited.batch_size == 8
+        assert inherited.epochs == LONG
+        assert inherited.seed == 5
+        assert inherited.optimizer == "sgd"
+        assert dict(inherited.model) == {"hidden_units": 32}
+        assert overridden.hyperparameters.learning_rate == 1e-2
+        assert overridden.hyperparameters.epochs == LONG + 1
         assert overridden.hyperparameters.batch_size == 8
     finally:
         stop_all(engine)
